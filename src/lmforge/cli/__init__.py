@@ -1,0 +1,1 @@
+"""Thin typer commands; the behaviour lives in the packages they call."""

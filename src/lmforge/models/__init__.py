@@ -1,0 +1,1 @@
+"""Model directories in Hugging Face layout: loading, conversion, chat tokens."""

@@ -1,0 +1,1 @@
+"""Trainer loop, backends, checkpoints, callbacks and job control."""

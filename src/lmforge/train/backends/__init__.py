@@ -1,0 +1,1 @@
+"""Execution backends behind the one trainer loop: single device, DDP, pipeline."""
