@@ -70,7 +70,14 @@ def smollm2_gguf() -> Path:
 def run_lmforge():
     """Run `lmforge ARGS...` and return the CompletedProcess (text mode, output captured)."""
 
-    def run(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600, check: bool = False):
+    def run(
+        *args: str,
+        cwd: Path | None = None,
+        env: dict | None = None,
+        timeout: float = 600,
+        check: bool = False,
+        input: str | None = None,
+    ):
         full_env = dict(os.environ)
         full_env.setdefault("PYTHONUNBUFFERED", "1")
         if env:
@@ -82,6 +89,7 @@ def run_lmforge():
             capture_output=True,
             text=True,
             timeout=timeout,
+            input=input,
         )
         if check and proc.returncode != 0:
             raise AssertionError(
