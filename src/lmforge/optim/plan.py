@@ -77,7 +77,7 @@ def _count(value: Any) -> str:
 
 def _lr(value: Any) -> str:
     try:
-        return f"{float(value):.4g}"
+        return f"{float(value):.3e}"
     except (TypeError, ValueError):
         return "-"
 
