@@ -34,7 +34,9 @@ class TrainingArguments:
     """Seed for torch, Python and NumPy RNGs (each rank adds its rank)."""
 
     mixed_precision: str = "bf16"
-    """`bf16` (autocast, fp32 master weights), `fp32`, or `fp16` (GPU only)."""
+    """`bf16` (forward passes under bf16 autocast) or `fp32` (no autocast)."""
+    master_weights_dtype: str = "float32"
+    """Dtype of the trained weights and optimizer updates: `float32`, or `bfloat16` to train in pure bf16."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass to save memory."""
     torch_compile: bool = False
@@ -75,6 +77,8 @@ class TrainingArguments:
     """A loss above `threshold` times its moving average counts as divergence."""
     divergence_window: int = 50
     """Steps in the loss moving average."""
+    divergence_min_history: int = 5
+    """Finite losses needed before the moving-average test applies (NaN/inf always counts)."""
 
     extra: dict = field(default_factory=dict)
     """Free-form values recorded in the run's first log record (e.g. the token-budget plan)."""
