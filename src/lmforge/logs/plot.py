@@ -170,7 +170,7 @@ def plot_logs(logs: list[TrainerLog], output: str | Path, *, dpi: int = 100, **o
     finally:
         tmp_path.unlink(missing_ok=True)
     width, height = figure.canvas.get_width_height()
-    logger.info("Wrote %s (%dx%d px)", output, width, height)
+    logger.debug("Wrote %s (%dx%d px)", output, width, height)
     return output
 
 

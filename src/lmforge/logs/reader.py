@@ -124,7 +124,7 @@ def _read_damaged(path: Path, text: str) -> TrainerLog:
             position += 1
 
     for problem in problems:
-        logger.warning("%s: %s", path, problem)
+        logger.debug("%s: %s", path, problem)
     return TrainerLog(path=path, records=records, complete=complete, problems=problems)
 
 

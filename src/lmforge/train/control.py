@@ -136,7 +136,7 @@ def make_job_id(job_info: dict, pid: int) -> str:
     """Build a short id such as `open_orca-12345` from the run name or config name and the pid."""
     name = job_info.get("run_name") or job_info.get("config") or "job"
     stem = Path(str(name)).stem or "job"
-    slug = re.sub(r"[^A-Za-z0-9_.]+", "_", stem).strip("_.")[:32] or "job"
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("_.-")[:32] or "job"
     return f"{slug}-{pid}"
 
 
@@ -160,8 +160,9 @@ class ControlServer:
     """Rank 0's control socket and registry entry for one training job.
 
     Constructor: `job_info` is recorded in the registry; the known keys are
-    `config`, `run_dir`, `run_name`, `max_steps`, and `job_id` (default
-    `make_job_id(job_info, pid)`). Other keys are stored under `info`.
+    `config`, `run_dir`, `run_name`, `max_steps`, `global_step` (the step a
+    resumed run starts from), and `job_id` (default `make_job_id(job_info, pid)`).
+    Other keys are stored under `info`.
     `runtime_dir` defaults to `runtime_dir()`.
 
     Checkpoint behaviour: the server stores no training state, so it has no
@@ -184,7 +185,10 @@ class ControlServer:
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[ControlRequest] = queue.SimpleQueue()
         self._pending: dict[str, socket.socket] = {}
+        # A resumed run knows its step before the first update_status() call.
         self._status: dict[str, Any] = {}
+        if isinstance(self.job_info.get("global_step"), int):
+            self._status["global_step"] = self.job_info["global_step"]
         self._step_times: collections.deque[tuple[float, int]] = collections.deque(maxlen=_ETA_WINDOW)
         self._last_registry_write = 0.0
 
@@ -324,7 +328,7 @@ class ControlServer:
         }
 
     def _registry_record(self) -> dict:
-        known = ("config", "run_dir", "run_name", "max_steps")
+        known = ("config", "run_dir", "run_name", "max_steps", "global_step")
         with self._lock:
             step = self._status.get("global_step")
             max_steps = self._status.get("max_steps", self.job_info.get("max_steps"))
