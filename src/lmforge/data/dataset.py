@@ -1,0 +1,273 @@
+"""The training dataset: streamed rows, tokenized, packed (or one per row), resumable and sharded.
+
+Problem: a DDP step is a collective, so if one rank's data share runs out one step
+before the others, the other ranks wait forever in the next all-reduce. Packing
+makes the number of rows per share data-dependent, so equal row shares do not give
+equal batch counts.
+
+Mechanism: when `torch.distributed` is initialized and the data world size is
+larger than 1, every rank takes part in one MIN all-reduce (on a gloo group) before
+it yields each row, telling the others whether it still has a row. The epoch ends
+on every rank at the first row that some rank does not have, so all ranks yield
+the same number of rows (the minimum over ranks) and the longer shares drop their
+last few rows. This needs every rank to draw the same number of rows per step,
+which DDP with equal per-device batch sizes does.
+
+Usage: build `ChatDataset(SplitRows(source), tokenizer, max_length=2048)`, let the
+trainer call `set_shard(rank, world_size)`, iterate, and collate with
+`dataset.collator()`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, deque
+from typing import Any, Iterator
+
+from lmforge.data.chat import ChatTokenizer, Document, load_tokenizer
+from lmforge.data.packing import PackedCollator, PaddedCollator, best_fit_decreasing, build_row
+from lmforge.data.rows import SplitRows
+from lmforge.errors import LmforgeError
+
+try:  # torch is a hard dependency, but keep this module importable for the CLI's --help
+    from torch.utils.data import IterableDataset
+except ImportError:  # pragma: no cover
+    IterableDataset = object  # type: ignore[assignment,misc]
+
+logger = logging.getLogger(__name__)
+
+OVERFLOW_POLICIES = ("truncate", "split", "drop")
+# Rows rendered and tokenized per tokenizer call.
+ENCODE_BATCH_ROWS = 64
+
+
+class ChatDataset(IterableDataset):
+    """Open-Orca rows as packed (or padded) token rows for a causal LM.
+
+    Each yielded row is a dict with `input_ids`, `labels` (shifted, -100 where not
+    trained), `position_ids` (restarting at 0 per document) and `seq_lens`.
+    With `packing=True`, documents from a look-ahead buffer of `buffer_size`
+    documents are packed by best-fit decreasing into rows of at most
+    `max_length` tokens. Rows filled below `carry_over_below` go back into the
+    next buffer once, so only the stream's end leaves a short row. With
+    `packing=False`, each row holds one document.
+
+    Documents longer than `max_length` follow `overflow`: `truncate` keeps the
+    first `max_length` tokens, `split` cuts them into `max_length` pieces (each
+    its own document), `drop` skips them; every case is counted in `stats`.
+
+    Checkpoint behaviour: `state_dict()` holds the row reader's state (source
+    position, shard, skip counts), the packer's buffer (tokenized documents not
+    yet packed), the rows packed but not yet yielded, the epoch and `stats`.
+    Tokenizer, max_length and every other setting come from the constructor on
+    load, so load a state only into a dataset built with the same settings.
+    """
+
+    def __init__(self, rows: SplitRows | str, tokenizer: Any, *, max_length: int = 2048, packing: bool = True,
+                 buffer_size: int = 1024, carry_over_below: float = 0.98, overflow: str = "split",
+                 chat_template: str | None = None, add_bos: bool = True, add_eos: bool = True,
+                 train_on: str = "all", pad_to: str | None = None, sync_ranks: bool = True):
+        super().__init__()
+        if overflow not in OVERFLOW_POLICIES:
+            raise LmforgeError(f"invalid overflow {overflow!r}", hint=f"use one of: {', '.join(OVERFLOW_POLICIES)}")
+        if int(max_length) < 2:
+            raise LmforgeError(f"invalid max_length {max_length}", hint="use at least 2 tokens, e.g. 2048")
+        if int(buffer_size) < 1:
+            raise LmforgeError(f"invalid buffer_size {buffer_size}", hint="use at least 1 document, e.g. 1024")
+        self.rows = rows if isinstance(rows, SplitRows) else SplitRows(rows)
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.chat = ChatTokenizer(
+            self.tokenizer, chat_template=chat_template, add_bos=add_bos, add_eos=add_eos, train_on=train_on
+        )
+        self.max_length = int(max_length)
+        self.packing = bool(packing)
+        self.buffer_size = int(buffer_size)
+        self.carry_over_below = float(carry_over_below)
+        self.overflow = overflow
+        self.pad_to = pad_to or ("max_length" if packing else "longest")
+        self.sync_ranks = sync_ranks
+        self.epoch = 0
+        self.stats: Counter[str] = Counter()
+        self._buffer: list[tuple[Document, bool]] = []  # (document, already carried over once)
+        self._ready: deque[list[Document]] = deque()  # packed rows not yet yielded
+        self._sync_group = None
+        self._sync = False
+
+    # --- sharding -------------------------------------------------------------------------
+
+    def set_shard(self, rank: int, world_size: int) -> None:
+        """Read share `rank` of `world_size` and, under torch.distributed, end epochs together.
+
+        Call on every rank, in the same order for every dataset, before iterating.
+        """
+        self.rows.set_shard(rank, world_size)
+        self._sync = False
+        if world_size <= 1 or not self.sync_ranks:
+            return
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            logger.warning(
+                "data shard %d of %d without torch.distributed: ranks cannot agree on the epoch end, "
+                "so shares may yield different numbers of rows", rank, world_size,
+            )
+            return
+        if dist.get_world_size() != world_size:
+            # NOTE: a data-parallel group smaller than the world (e.g. DP x PP) needs its own group here.
+            logger.warning(
+                "data world size %d differs from the process group size %d; the epoch end is not synchronized",
+                world_size, dist.get_world_size(),
+            )
+            return
+        self._sync_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        self._sync = True
+
+    def _all_ranks_have_row(self, has_row: bool) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if has_row else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._sync_group)
+        return bool(flag.item())
+
+    # --- iteration ------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict[str, list[int]]]:
+        from torch.utils.data import get_worker_info
+
+        worker = get_worker_info()
+        if worker is not None and worker.num_workers > 1:
+            # NOTE: with several DataLoader workers each worker reads a sub-share, and the epoch end is
+            # not synchronized across ranks (workers cannot join collectives); use num_workers <= 1 for DDP.
+            self.rows.set_shard(
+                self.rows.rank * worker.num_workers + worker.id, self.rows.world_size * worker.num_workers
+            )
+            self._sync = False
+
+        sync = self._sync
+        for row in self._iter_local_rows():
+            if sync and not self._all_ranks_have_row(True):
+                logger.info("epoch %d ends on this rank: another rank's share has no more rows", self.epoch)
+                break
+            yield row
+        else:
+            if sync:
+                self._all_ranks_have_row(False)
+        self._end_epoch()
+
+    def _end_epoch(self) -> None:
+        logger.info(
+            "data epoch %d done: %d rows read, skipped %s, %d documents, %d rows yielded, fill %.4f",
+            self.epoch, self.rows.rows_read, dict(self.rows.skipped) or "none", self.stats["documents"],
+            self.stats["rows"], self.fill_efficiency(),
+        )
+        self.epoch += 1
+        self.rows.reset()
+        self._buffer.clear()
+        self._ready.clear()
+
+    def _iter_local_rows(self) -> Iterator[dict[str, list[int]]]:
+        row_iter = iter(self.rows)
+        exhausted = False
+        while True:
+            if self._ready:
+                documents = self._ready.popleft()
+                row = build_row(documents)
+                self.stats["rows"] += 1
+                self.stats["tokens"] += len(row["input_ids"])
+                yield row
+                continue
+            if exhausted and not self._buffer:
+                return
+            wanted = self.buffer_size - len(self._buffer) if self.packing else ENCODE_BATCH_ROWS
+            while wanted > 0 and not exhausted:
+                chunk = []
+                for raw in row_iter:
+                    chunk.append(raw)
+                    if len(chunk) >= min(wanted, ENCODE_BATCH_ROWS):
+                        break
+                else:
+                    exhausted = True
+                documents = self._fit_documents(self.chat.encode_rows(chunk))
+                self._buffer.extend((document, False) for document in documents)
+                wanted -= len(chunk)
+            if self.packing:
+                self._pack_buffer(final=exhausted)
+            else:
+                self._ready.extend([document] for document, _ in self._buffer)
+                self._buffer.clear()
+
+    def _fit_documents(self, documents: list[Document]) -> list[Document]:
+        """Apply the overflow policy to documents longer than max_length and count them."""
+        fitted = []
+        for document in documents:
+            self.stats["documents"] += 1
+            length = len(document.input_ids)
+            if length <= self.max_length:
+                fitted.append(document)
+                continue
+            self.stats[f"overflow_{self.overflow}"] += 1
+            if self.overflow == "truncate":
+                fitted.append(Document(document.input_ids[: self.max_length], document.first_target))
+            elif self.overflow == "split":
+                for start in range(0, length, self.max_length):
+                    piece = document.input_ids[start : start + self.max_length]
+                    if len(piece) > 1:  # a 1-token piece has no target
+                        fitted.append(Document(piece, max(1, document.first_target - start)))
+        return fitted
+
+    def _pack_buffer(self, final: bool) -> None:
+        """Pack the buffer into ready rows; unless `final`, return under-filled rows' documents once."""
+        documents = [document for document, _ in self._buffer]
+        carried = [was_carried for _, was_carried in self._buffer]
+        bins = best_fit_decreasing([len(d.input_ids) for d in documents], self.max_length)
+        carry: list[tuple[Document, bool]] = []
+        for items in bins:
+            used = sum(len(documents[i].input_ids) for i in items)
+            can_carry = not final and all(not carried[i] for i in items) and len(carry) + len(items) < self.buffer_size // 2
+            if can_carry and used < self.carry_over_below * self.max_length:
+                carry.extend((documents[i], True) for i in items)
+            else:
+                self._ready.append([documents[i] for i in items])
+        self._buffer = carry
+
+    # --- collation and stats --------------------------------------------------------------
+
+    def collator(self):
+        """Return the collator for this dataset's rows (packed or padded), padding with the pad token."""
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id
+        if self.packing:
+            return PackedCollator(pad_id, self.max_length, pad_to=self.pad_to)
+        return PaddedCollator(pad_id, self.max_length, pad_to=self.pad_to)
+
+    def fill_efficiency(self) -> float:
+        """Non-pad tokens / token slots of the rows yielded so far (rows padded to max_length)."""
+        slots = self.stats["rows"] * self.max_length
+        return self.stats["tokens"] / slots if slots else 0.0
+
+    # --- checkpointing --------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows.state_dict(),
+            "buffer": [(list(d.input_ids), d.first_target, carried) for d, carried in self._buffer],
+            "ready": [[(list(d.input_ids), d.first_target) for d in row] for row in self._ready],
+            "epoch": self.epoch,
+            "stats": dict(self.stats),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows.load_state_dict(state["rows"])
+        self._buffer = [(Document(list(ids), first), carried) for ids, first, carried in state["buffer"]]
+        self._ready = deque([Document(list(ids), first) for ids, first in row] for row in state["ready"])
+        self.epoch = state["epoch"]
+        self.stats = Counter(state["stats"])
+
+
+def open_orca_split(source: str | list[str], split: str = "train", *, validation_fraction: float = 0.01,
+                    split_seed: int = 0, hub_revision: str | None = None) -> SplitRows:
+    """Return the raw rows of one split of an Open-Orca-shaped source (see `SplitRows`)."""
+    return SplitRows(source, split, validation_fraction=validation_fraction, split_seed=split_seed,
+                     hub_revision=hub_revision)

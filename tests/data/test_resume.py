@@ -1,0 +1,103 @@
+"""Resume exactness (source position and packer buffer) and equal batch counts across ranks."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from lmforge.data import ChatDataset, SplitRows
+
+BATCH_ROWS = 2
+
+
+def make_dataset(path, tokenizer, **kwargs):
+    options = dict(max_length=512, buffer_size=48, overflow="split")
+    options.update(kwargs)
+    return ChatDataset(SplitRows(path, "train", validation_fraction=0.05), tokenizer, **options)
+
+
+def take_steps(iterator, steps):
+    return [[next(iterator) for _ in range(BATCH_ROWS)] for _ in range(steps)]
+
+
+def roundtrip(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_resume_after_step_10_matches_uninterrupted(tmp_path, orca_parquet, tiny_tokenizer, packing):
+    path = tmp_path / "groups.parquet"
+    pq.write_table(pq.read_table(orca_parquet), path, row_group_size=64)
+
+    uninterrupted = take_steps(iter(make_dataset(path, tiny_tokenizer, packing=packing)), 20)
+
+    first = make_dataset(path, tiny_tokenizer, packing=packing)
+    iterator = iter(first)
+    assert take_steps(iterator, 10) == uninterrupted[:10]
+    state = roundtrip(first.state_dict())
+    if packing:
+        assert state["buffer"], "the checkpoint should hold documents waiting in the packer's buffer"
+    del iterator
+
+    resumed = make_dataset(path, tiny_tokenizer, packing=packing)
+    resumed.load_state_dict(state)
+    collate = resumed.collator()
+    resumed_steps = take_steps(iter(resumed), 10)
+    for expected, actual in zip(uninterrupted[10:], resumed_steps):
+        assert torch.equal(collate(expected)["input_ids"], collate(actual)["input_ids"])
+        assert torch.equal(collate(expected)["labels"], collate(actual)["labels"])
+    assert resumed_steps == uninterrupted[10:]
+
+
+def test_epoch_restarts_after_exhaustion(orca_jsonl, tiny_tokenizer):
+    dataset = make_dataset(orca_jsonl, tiny_tokenizer, max_length=2048)
+    first_epoch = list(dataset)
+    second_epoch = list(dataset)
+    assert dataset.epoch == 2
+    assert first_epoch == second_epoch
+
+
+def _count_rows_on_rank(rank, world_size, init_file, path, tokenizer_dir, results_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        dataset = ChatDataset(SplitRows(path, "all"), tokenizer_dir, max_length=2048, buffer_size=64)
+        dataset.set_shard(rank, world_size)
+        synced = sum(1 for _ in dataset)
+        alone = ChatDataset(SplitRows(path, "all"), tokenizer_dir, max_length=2048, buffer_size=64,
+                            sync_ranks=False)
+        alone.set_shard(rank, world_size)
+        unsynced = sum(1 for _ in alone)
+        with open(os.path.join(results_dir, f"rank{rank}.txt"), "w") as handle:
+            handle.write(f"{synced} {unsynced}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_yield_equal_row_counts(tmp_path, orca_parquet, tiny_llama_dir):
+    # Two shares of unequal token volume: rank 1 gets the long responses.
+    table = pq.read_table(orca_parquet)
+    order = sorted(range(table.num_rows), key=lambda i: len(table.column("response")[i].as_py()))
+    interleaved = [i for pair in zip(order[:450], order[450:]) for i in pair]
+    path = tmp_path / "skewed.parquet"
+    pq.write_table(table.take(interleaved), path)
+
+    world_size = 2
+    torch.multiprocessing.spawn(
+        _count_rows_on_rank,
+        args=(world_size, str(tmp_path / "init"), str(path), str(tiny_llama_dir), str(tmp_path)),
+        nprocs=world_size,
+    )
+    counts = [tuple(map(int, (tmp_path / f"rank{r}.txt").read_text().split())) for r in range(world_size)]
+    synced = [c[0] for c in counts]
+    unsynced = [c[1] for c in counts]
+    assert unsynced[0] != unsynced[1], "the test data should give the ranks unequal shares"
+    assert synced == [min(unsynced)] * world_size
