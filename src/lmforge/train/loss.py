@@ -91,7 +91,9 @@ class CausalLMLoss(torch.nn.Module):
         """Return (summed loss over trained tokens, number of trained tokens) for one micro-batch."""
         decoder = self.model.get_decoder()
         attn_implementation = getattr(self.model.config, "_attn_implementation", None)
-        outputs = decoder(**_model_inputs(batch, attn_implementation), use_cache=False)
+        inputs = _model_inputs(batch, attn_implementation)
+        inputs["use_cache"] = False
+        outputs = decoder(**inputs)
         labels = batch["labels"]
         loss_sum = summed_token_loss(outputs.last_hidden_state, self.model.get_output_embeddings(), labels, self.chunk_size)
         return loss_sum, (labels != IGNORE_INDEX).sum()
