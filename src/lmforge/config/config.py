@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -176,6 +177,9 @@ def load_config(
 
     try:
         preprocessed = env.get_template(str(path)).render()
+        # Blank lines around the YAML are leftovers of statement lines, e.g. `== super()`.
+        preprocessed = re.sub(r"\A(?:[ \t]*\n)+", "", preprocessed)
+        preprocessed = preprocessed.rstrip() + "\n" if preprocessed.strip() else ""
     except (jinja2.TemplateError, LmforgeError, ArithmeticError, TypeError, ValueError, KeyError,
             AttributeError, OSError) as exc:
         raise render_error(exc, display, name) from exc

@@ -46,6 +46,14 @@ class SourceDisplay:
             return lines[lineno - 1]
         return None
 
+    def clamp_line(self, filename: str, lineno: int | None) -> int | None:
+        """Map a line past the end (where the preprocessor closes open blocks) to the file's last line."""
+        path = Path(filename.partition(SUB_SEPARATOR)[0])
+        entry = self.loader.files.get(path)
+        if lineno and entry is not None:
+            return min(lineno, max(len(entry.text.splitlines()), 1))
+        return lineno
+
     def location(self, filename: str, lineno: int | None) -> str:
         """Return `file.yaml:LINE` (the `#SUB` part is left out: the line number is the file's)."""
         path_text = filename.partition(SUB_SEPARATOR)[0]
@@ -84,6 +92,7 @@ def render_error(exc: BaseException, display: SourceDisplay, config_name: str) -
     parts = [f"config {config_name}: {problem}"]
     if where is not None:
         filename, lineno = where
+        lineno = display.clamp_line(filename, lineno)
         parts[0] += f" at {display.location(filename, lineno)}"
         section = filename.partition(SUB_SEPARATOR)[2]
         if section:

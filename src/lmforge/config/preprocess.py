@@ -6,13 +6,15 @@ error are the line numbers of the source file. Rules, applied to each line:
     -- stmt      {% stmt %}       a statement; with trim_blocks/lstrip_blocks the line leaves no output
     << stmt      {%- stmt %}      a statement that also removes the whitespace before it
     >> stmt      {% stmt -%}      a statement that also removes the whitespace after it
-    == expr      {{ expr }}       print (indentation before `==` is kept)
+    == expr      {{ expr }}       print (the indentation before `==` is dropped)
     => expr      {{- expr -}}     print, removing the whitespace (newlines included) around it
     ## text      {# text #}       a whole-line comment, which leaves no output
     x ## text    x                a trailing comment (whitespace, `##`, whitespace or end of line)
     [name]       {% block name %} a block that ends before the next `[...]` line indented at most
-                                  as far, before the first non-blank line indented less, before an
-                                  `endblock` that closes an enclosing plain block, or at the end
+                                  as far, before the first non-blank line indented less, before a
+                                  statement that closes or continues a Jinja structure opened
+                                  before the block (`-- endif`, `-- else`, `-- endblock`...), or
+                                  at the end of the template
     [name!]      the same block, trimming the whitespace at its start and end
 
 A file may hold several templates: a line `#---- NAME ----` (four or more dashes on each
@@ -29,10 +31,11 @@ from dataclasses import dataclass
 from lmforge.errors import LmforgeError
 
 _PREFIX_RE = re.compile(r"^(?P<indent>[ \t]*)(?P<prefix>--|<<|>>|==|=>|##)(?=\s|$)(?P<body>.*)$")
-_TRAILING_COMMENT_RE = re.compile(r"\s##(?:\s.*)?$")
+_TRAILING_COMMENT_RE = re.compile(r"\s+##(?:\s.*)?$")
 _BLOCK_RE = re.compile(r"^(?P<indent>[ \t]*)\[(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?P<trim>!?)\][ \t]*$")
-_JINJA_BLOCK_RE = re.compile(r"^\s*\{%-?\s*block\s")
-_JINJA_ENDBLOCK_RE = re.compile(r"^\s*\{%-?\s*endblock\b")
+_TAG_RE = re.compile(r"\{%-?\s*(?P<tag>\w+)(?P<body>.*?)-?%\}")
+# Jinja statements that open a structure closed by `end<tag>`; `set` only without `=` (a block set).
+_OPENING_TAGS = {"if", "for", "macro", "call", "filter", "with", "block", "raw", "set", "trans", "autoescape"}
 _SEPARATOR_RE = re.compile(r"^#-{4,}\s*(?P<name>[^\s#]+)\s*-{4,}\s*$")
 
 
@@ -72,7 +75,8 @@ def split_templates(text: str, filename: str) -> list[TemplateSection]:
 
 
 def _make_section(name: str | None, lines: list[str], start: int, end: int) -> TemplateSection:
-    padding = "{#" + "\n" * start + "#}" if start else ""
+    # A comment over lines 1..start (it leaves no output) keeps the section's line numbers.
+    padding = "{#" + "\n" * (start - 1) + "#}\n" if start else ""
     return TemplateSection(name=name, first_line=start + 1, text=padding + "".join(lines[start:end]))
 
 
@@ -82,10 +86,11 @@ def _indent_width(indent: str) -> int:
 
 @dataclass
 class _OpenBlock:
-    kind: str  # "toml" for `[name]` blocks, "jinja" for plain `-- block` statements
+    kind: str  # "toml" for `[name]` blocks, else the Jinja tag that opened the structure (if, for, block...)
     indent: int
     trim: bool
     line: int
+    """0-based index of the line that opened it."""
 
 
 def preprocess(text: str, filename: str = "<string>") -> str:
@@ -98,7 +103,6 @@ def preprocess(text: str, filename: str = "<string>") -> str:
         line = raw.rstrip("\r")
         carriage = raw[len(line):]
         stripped = line.strip()
-        closing = ""
 
         block = _BLOCK_RE.match(line)
         if stripped and not (stripped.startswith("##") and not block):
@@ -108,35 +112,62 @@ def preprocess(text: str, filename: str = "<string>") -> str:
             while stack and stack[-1].kind == "toml" and (
                 indent <= stack[-1].indent if block else indent < stack[-1].indent
             ):
-                closing += _endblock(stack.pop())
+                _close_block(stack.pop(), out, lines)
 
         if block:
             trim = bool(block.group("trim"))
-            stack.append(_OpenBlock("toml", _indent_width(block.group("indent")), trim, index + 1))
-            out.append(closing + "{% block " + block.group("name") + (" -%}" if trim else " %}") + carriage)
+            stack.append(_OpenBlock("toml", _indent_width(block.group("indent")), trim, index))
+            out.append("{% block " + block.group("name") + (" -%}" if trim else " %}") + carriage)
             continue
 
         converted = _convert_line(line)
-        if _JINJA_BLOCK_RE.match(converted):
-            stack.append(_OpenBlock("jinja", 0, False, index + 1))
-        elif _JINJA_ENDBLOCK_RE.match(converted):
-            # A plain endblock first closes the TOML blocks opened inside its plain block.
-            while stack and stack[-1].kind == "toml":
-                closing += _endblock(stack.pop())
-            if stack:
-                stack.pop()
-        out.append(closing + converted + carriage)
+        _track_statements(converted, stack, index, out, lines)
+        out.append(converted + carriage)
 
-    tail = "".join(_endblock(open_block) for open_block in reversed(stack) if open_block.kind == "toml")
-    if tail:
-        # Close on the last line of text, so an error Jinja reports at the close points into the file.
-        last = len(out) - 2 if len(out) > 1 and out[-1] == "" else len(out) - 1
-        out[last] = out[last] + tail
+    while stack:
+        open_block = stack.pop()
+        if open_block.kind == "toml":
+            _close_block(open_block, out, lines)
     return "\n".join(out)
 
 
-def _endblock(block: _OpenBlock) -> str:
-    return "{%- endblock %}" if block.trim else "{% endblock %}"
+def _close_block(block: _OpenBlock, out: list[str], lines: list[str]) -> None:
+    """Append the endblock to the block's last non-blank line, leaving that line's newline outside the block.
+
+    Because the newline stays outside, `== super()` on a line of its own prints the parent's
+    lines followed by exactly one newline.
+    """
+    last = block.line
+    for index in range(len(out) - 1, block.line, -1):
+        if lines[index].strip():
+            last = index
+            break
+    text = out[last].rstrip("\r")
+    carriage = out[last][len(text):]
+    # After a statement or comment the line leaves no output anyway, so the endblock may trim
+    # the newline; after text, `+%}` keeps it (it turns trim_blocks off for this tag).
+    ends_with_tag = text.rstrip().endswith(("%}", "#}")) or last == block.line
+    opening = "{%- endblock" if block.trim else "{% endblock"
+    out[last] = text + opening + (" %}" if ends_with_tag else " +%}") + carriage
+
+
+def _track_statements(converted: str, stack: list[_OpenBlock], line: int, out: list[str], lines: list[str]) -> None:
+    """Follow the Jinja structures a line opens and closes.
+
+    A statement that closes or continues a structure opened before an open TOML block (an
+    `endif`, `else` or `endblock` of an enclosing `if` or `-- block`) ends that TOML block first.
+    """
+    for match in _TAG_RE.finditer(converted):
+        tag, body = match.group("tag"), match.group("body")
+        if tag in _OPENING_TAGS and not (tag == "set" and "=" in body):
+            stack.append(_OpenBlock(tag, 0, False, line))
+        elif tag.startswith("end") or tag in {"else", "elif"}:
+            if not any(entry.kind != "toml" for entry in stack):
+                continue
+            while stack[-1].kind == "toml":
+                _close_block(stack.pop(), out, lines)
+            if tag.startswith("end"):
+                stack.pop()
 
 
 def _convert_line(line: str) -> str:
@@ -153,9 +184,11 @@ def _convert_line(line: str) -> str:
         return indent + "{%- " + body + " %}"
     if prefix == ">>":
         return indent + "{% " + body + " -%}"
+    # A print drops the indentation before its prefix, so `    == super()` inside an indented
+    # block prints the parent's lines with their own indentation.
     if prefix == "==":
-        return indent + "{{ " + body + " }}"
-    return indent + "{{- " + body + " -}}"
+        return "{{ " + body + " }}"
+    return "{{- " + body + " -}}"
 
 
 def _strip_trailing_comment(line: str) -> str:

@@ -7,8 +7,9 @@
     !dict, !list, !tuple, !dlist (each also with an optional @name suffix)
 
 Arguments of `!call`/`!factory`/`!partial`: a sequence (positional), a mapping (keyword; its
-`args:` entry adds positional and its `kwargs:` entry adds keyword arguments; `argN` keys
-are positional, sorted by N), a non-empty scalar (one positional argument) or nothing.
+`args:` entry, when a plain sequence, adds positional arguments and its `kwargs:` entry, when
+a plain mapping, adds keyword arguments; `argN` keys are positional, sorted by N), a
+non-empty scalar (one positional argument) or nothing.
 """
 
 from __future__ import annotations
@@ -69,13 +70,11 @@ def _arguments(loader: GraphLoader, node: yaml.Node, tag: str) -> tuple[list[Any
     numbered: list[tuple[int, Any]] = []
     kwargs: dict[str, Any] = {}
     for key, value in mapping:
-        if key == "args":
-            if not isinstance(value, (list, tuple)):
-                raise _tag_error(node, f"{tag}: `args` must be a sequence, got {type(value).__name__}")
+        # `args: [..]` and `kwargs: {..}` are argument lists only with a plain sequence or mapping
+        # value; with any other value (e.g. a tagged node) they are keyword arguments.
+        if key == "args" and type(value) is list:
             args.extend(value)
-        elif key == "kwargs":
-            if not isinstance(value, dict):
-                raise _tag_error(node, f"{tag}: `kwargs` must be a mapping, got {type(value).__name__}")
+        elif key == "kwargs" and type(value) is dict:
             kwargs.update(value)
         elif isinstance(key, str) and _ARG_KEY_RE.match(key):
             numbered.append((int(_ARG_KEY_RE.match(key).group(1)), value))
