@@ -58,7 +58,7 @@ def test_plan_notes_decay_after_max_steps():
 
 def test_plan_tolerates_missing_keys():
     text = format_plan({"seq_len": 512})
-    assert "512 tokens" in text
+    assert "seq_len 512" in text
     assert "tokens_per_step  - (estimate)" in text
 
 

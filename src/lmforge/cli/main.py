@@ -32,6 +32,7 @@ COMMAND_MODULES = [
     "lmforge.cli.dataset_cmd",
     "lmforge.cli.model_cmds",
     "lmforge.cli.train_cmd",
+    "lmforge.cli.plan_cmd",
     "lmforge.cli.control_cmds",
     "lmforge.cli.logs_cmds",
     "lmforge.cli.inf_cmds",

@@ -116,9 +116,9 @@ def format_plan(namespace: Mapping[str, Any], title: str | None = None) -> str:
     )
     row(
         "batch",
-        f"{_count(data_parallel)} ranks x {_count(get('per_device_batch_size'))} rows x "
-        f"{_count(get('gradient_accumulation_steps'))} accumulation x {_count(get('seq_len'))} tokens x "
-        f"{get('packing_efficiency', '-')} packing efficiency",
+        f"data-parallel ranks {_count(data_parallel)} x rows {_count(get('per_device_batch_size'))} x "
+        f"accumulation {_count(get('gradient_accumulation_steps'))} x seq_len {_count(get('seq_len'))} x "
+        f"packing efficiency {get('packing_efficiency', '-')}",
     )
     row("tokens_per_step", f"{_count(tokens_per_step)} (estimate)")
 
