@@ -75,15 +75,26 @@ def test_registry_entry_fields(control_dir):
 def test_status_answered_without_poll(control_dir):
     with ControlServer({"job_id": "st", "max_steps": 100}) as server:
         server.update_status({"global_step": 10, "loss": 2.5, "tokens": 10240, "learning_rate": 3e-4})
-        server._step_times.clear()
-        server._step_times.extend([(100.0, 10), (102.0, 20)])  # 0.2 s per step
         server.update_status({"global_step": 20, "loss": 2.25})
         reply = send_request(JobRegistry().find("st"), "status", timeout=5)
     assert reply["step"] == 20
     assert reply["status"]["loss"] == 2.25
     assert reply["status"]["tokens"] == 10240
+    assert reply["status"]["learning_rate"] == 3e-4
     assert reply["status"]["max_steps"] == 100
-    assert reply["status"]["eta_seconds"] == pytest.approx(80 * 0.2)
+
+
+def test_eta_from_step_time_samples(control_dir):
+    server = ControlServer({"job_id": "eta", "max_steps": 100})
+    server.update_status({"global_step": 30})
+    server._step_times.clear()
+    server._record_step_time(100.0, 10)
+    server._record_step_time(101.0, 15)
+    server._record_step_time(101.5, 18)  # under 1 s after the last sample: not kept
+    server._record_step_time(104.0, 30)
+    assert [step for _, step in server._step_times] == [10, 15, 30]
+    # From the oldest sample to the newest step: 20 steps in 4 s, 0.2 s per step; 70 steps remain.
+    assert server.status_reply()["status"]["eta_seconds"] == pytest.approx(70 * 0.2)
 
 
 def test_save_acknowledged_with_step(control_dir):

@@ -126,7 +126,7 @@ def register(app: typer.Typer) -> None:
             ("ETA", _format_duration(values.get("eta_seconds"))),
         ]
         shown = {"global_step", "max_steps", "tokens", "loss", "learning_rate", "tokens_per_second", "eta_seconds"}
-        lines += [(key, str(value)) for key, value in values.items() if key not in shown]
+        lines += [(key, "-" if value is None else str(value)) for key, value in values.items() if key not in shown]
         width = max(len(name) for name, _ in lines)
         for name, value in lines:
             typer.echo(f"{name.ljust(width)}  {value}")

@@ -65,7 +65,9 @@ _MAX_SOCKET_PATH = 107
 _MAX_REQUEST_BYTES = 64 * 1024
 _CLIENT_READ_TIMEOUT_S = 5.0
 _REGISTRY_WRITE_INTERVAL_S = 1.0
-_ETA_WINDOW = 50
+# ETA samples: one per second, over the last two minutes.
+_ETA_SAMPLE_INTERVAL_S = 1.0
+_ETA_WINDOW = 120
 
 
 def runtime_dir(create: bool = True) -> Path:
@@ -190,6 +192,7 @@ class ControlServer:
         if isinstance(self.job_info.get("global_step"), int):
             self._status["global_step"] = self.job_info["global_step"]
         self._step_times: collections.deque[tuple[float, int]] = collections.deque(maxlen=_ETA_WINDOW)
+        self._latest_step_time: tuple[float, int] | None = None
         self._last_registry_write = 0.0
 
     # -- lifecycle -----------------------------------------------------------------
@@ -292,16 +295,27 @@ class ControlServer:
         with self._lock:
             self._status.update(status)
             step = self._status.get("global_step")
-        if isinstance(step, int) and (not self._step_times or self._step_times[-1][1] != step):
-            self._step_times.append((time.monotonic(), step))
+        if isinstance(step, int):
+            self._record_step_time(time.monotonic(), step)
         self._write_registry()
 
     # -- internals ----------------------------------------------------------------------
 
+    def _record_step_time(self, now: float, step: int) -> None:
+        """Store the newest (time, step), and keep a sample of it at most once per `_ETA_SAMPLE_INTERVAL_S`.
+
+        The ETA spans the oldest kept sample to the newest step, about two minutes
+        of training, so a short stall or burst does not swing it.
+        """
+        self._latest_step_time = (now, step)
+        if not self._step_times or now - self._step_times[-1][0] >= _ETA_SAMPLE_INTERVAL_S:
+            self._step_times.append((now, step))
+
     def _eta_seconds(self, step: int | None, max_steps: int | None) -> float | None:
-        if step is None or not max_steps or max_steps <= 0 or len(self._step_times) < 2:
+        if step is None or not max_steps or max_steps <= 0 or not self._step_times or self._latest_step_time is None:
             return None
-        (first_time, first_step), (last_time, last_step) = self._step_times[0], self._step_times[-1]
+        first_time, first_step = self._step_times[0]
+        last_time, last_step = self._latest_step_time
         if last_step <= first_step or last_time <= first_time:
             return None
         seconds_per_step = (last_time - first_time) / (last_step - first_step)
