@@ -107,7 +107,7 @@ class Trainer:
         backend_options: Optional[dict] = None,
         resolved_config: Optional[str] = None,
     ):
-        _validate_arguments(args)
+        validate_arguments(args)
         self.args = args
         self.model_factory = model_factory
         self.tokenizer = tokenizer
@@ -357,7 +357,7 @@ class Trainer:
         try:
             self.control = ControlServer(job_info)
             self.control.start()
-        except OSError as exc:
+        except (OSError, LmforgeError) as exc:
             logger.warning("Control server failed to start (%s); control requests are disabled for this run", exc)
             self.control = None
 
@@ -562,7 +562,9 @@ class Trainer:
             self.json_log.write(record)
             self.tensorboard.log_scalars("train", {k: v for k, v in record.items() if k not in ("global_step", "time")}, self.global_step)
             if self.control is not None:
-                self.control.update_status(self._status())
+                self.control.update_status(
+                    {**self._status(), "loss": loss, "grad_norm": grad_norm, "tokens_per_second": tokens_per_second}
+                )
         for callback in self.callbacks:
             callback.on_log(self, record)
 
@@ -708,6 +710,9 @@ class Trainer:
         return [(command, remote[index] if index < len(remote) else None) for index, command in enumerate(commands)]
 
     def _apply_control_requests(self) -> None:
+        if self.control is not None:
+            # Every step, so `control status` and its ETA do not lag by a logging interval.
+            self.control.update_status({"global_step": self.global_step, "tokens": self.tokens})
         for command, request in self._collect_requests():
             message = self._apply_control_command(command)
             if self.is_main_process:
@@ -787,7 +792,8 @@ class Trainer:
 # ---------------------------------------------------------------------- helpers
 
 
-def _validate_arguments(args: TrainingArguments) -> None:
+def validate_arguments(args: TrainingArguments) -> None:
+    """Raise LmforgeError for a TrainingArguments value outside its allowed set."""
     choices = {
         "mixed_precision": ("bf16", "fp32"),
         "master_weights_dtype": ("float32", "bfloat16"),
