@@ -120,8 +120,9 @@ def compare_with_reference(
         problems.append(
             f"loss on the check text changed from {reference.loss:.6f} to {loss_after:.6f} "
             f"(tolerance {loss_tolerance:g}; over the source vocabulary only: {loss_after_source_vocab:.6f}). "
-            "If only the added tokens moved it, the source's outputs are near uniform (an untrained model?) "
-            "and --loss-tolerance can be raised"
+            "When the loss over the source vocabulary is unchanged, the added tokens took the probability mass: "
+            "their rows are random (--new-token-init random) or the source's outputs are near uniform, "
+            "as in an untrained model; --loss-tolerance raises the limit"
         )
     return CheckResult(
         max_abs_diff=max_abs_diff,

@@ -300,8 +300,13 @@ def commit_directory(tmp_dir: Path, dst: Path) -> None:
         shutil.rmtree(old_dir, ignore_errors=True)
 
 
-def convert_model(src: str | Path, dst: str | Path, options: ConvertOptions | None = None) -> ConvertReport:
-    """Convert SRC (HF directory or GGUF file) into the lmforge model directory DST and check it."""
+def convert_model(
+    src: str | Path, dst: str | Path, options: ConvertOptions | None = None, source_label: str | None = None
+) -> ConvertReport:
+    """Convert SRC (HF directory or GGUF file) into the lmforge model directory DST and check it.
+
+    `source_label` replaces the source path in the report, for a SRC in a temporary directory.
+    """
     from lmforge.models.model_dir import load_model_dir
 
     options = options or ConvertOptions()
@@ -342,7 +347,7 @@ def convert_model(src: str | Path, dst: str | Path, options: ConvertOptions | No
     stop_ids = set_special_ids(model, tokenizer, source_generation_config)
 
     report = ConvertReport(
-        source=str(src),
+        source=source_label or str(src),
         source_kind=kind,
         destination=str(dst),
         dtype=str(target_dtype).replace("torch.", ""),
@@ -378,7 +383,7 @@ def convert_model(src: str | Path, dst: str | Path, options: ConvertOptions | No
         if not result.ok:
             raise LmforgeError(
                 f"converted model failed the check: {'; '.join(result.problems)}",
-                hint="nothing was written to DST; rerun with --debug and report the source model",
+                hint=f"nothing was written to {dst}",
             )
         report.seconds = round(time.monotonic() - started, 1)
         (tmp_dir / PROVENANCE_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n")

