@@ -237,3 +237,13 @@ def test_plan_command_json_and_errors(run_lmforge, project_dir):
     assert "ns.total_tokns" in bad.stderr
     assert "ns.total_tokens" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_dataset_targets_take_tokenizer_variable(project_dir, tiny_llama_dir):
+    config = load(project_dir, "tiny/cpu_test.yaml")
+    dataset = config.construct("train_dataset", tokenizer=str(tiny_llama_dir), max_length=64)
+    row = next(iter(dataset))
+    assert len(row["input_ids"]) <= 64
+    assert dataset.max_length == 64
+    raw = next(iter(config.construct("train_dataset_split")))
+    assert set(raw) >= {"id", "system_prompt", "question", "response"}
