@@ -13,6 +13,10 @@ def make_project(tmp_path):
 
     def make(files: dict[str, str], meta: str = "name: test\n", name: str = "project") -> Path:
         project = tmp_path / name
+        counter = 1
+        while project.exists():
+            counter += 1
+            project = tmp_path / f"{name}{counter}"
         project.mkdir(parents=True)
         (project / "meta.yaml").write_text(meta)
         for relative, text in files.items():

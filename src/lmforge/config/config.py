@@ -30,7 +30,7 @@ from lmforge.errors import LmforgeError
 class Config:
     """A loaded config: its preprocessed YAML, final `ns` values and lazy object graph.
 
-    The graph holds nodes, not objects; every `construct` call builds a new set of objects.
+    The graph contains nodes, not objects, and every `construct` call builds a new set of objects.
     """
 
     def __init__(

@@ -140,8 +140,15 @@ def yaml_error(exc: yaml.YAMLError, preprocessed: str, display: SourceDisplay, c
     problem = getattr(exc, "problem", None) or str(exc)
     if mark is None:
         return LmforgeError(f"config {config_name}: invalid YAML after preprocessing: {problem}")
-    lineno = mark.line + 1
     lines = preprocessed.splitlines()
+    lineno = mark.line + 1
+    context = getattr(exc, "context", None)
+    context_mark = getattr(exc, "context_mark", None)
+    if context and context_mark is not None:
+        problem = f"{context} at line {context_mark.line + 1}: {problem}"
+    # At the end of the text the problem line is empty; the construct that is open is more useful.
+    if not (1 <= lineno <= len(lines) and lines[lineno - 1].strip()) and context_mark is not None:
+        lineno = context_mark.line + 1
     quoted = lines[lineno - 1] if 1 <= lineno <= len(lines) else ""
     parts = [f"config {config_name}: invalid YAML at line {lineno} of the preprocessed text: {problem}",
              f"  {lineno} | {quoted.rstrip()}"]
@@ -153,12 +160,12 @@ def yaml_error(exc: yaml.YAMLError, preprocessed: str, display: SourceDisplay, c
 
 def guess_source(line: str, display: SourceDisplay) -> str | None:
     """Return `file:line` of the only template line whose text equals LINE, or None."""
-    wanted = line.strip()
-    if not wanted:
+    expected_text = line.strip()
+    if not expected_text:
         return None
     matches = []
     for entry in display.loader.files.values():
         for number, text in enumerate(entry.text.splitlines(), start=1):
-            if text.strip() == wanted:
+            if text.strip() == expected_text:
                 matches.append(f"{display.short_path(entry.path)}:{number}")
     return matches[0] if len(matches) == 1 else None

@@ -33,7 +33,10 @@ def find_projects(root: Path) -> list[Path]:
 
 
 def comment_description(path: Path) -> str:
-    """Return the text of the `## ...` lines that start a config file (blank lines before them allowed)."""
+    """Return the first paragraph of the `## ...` lines that start a config file.
+
+    The paragraph ends at an empty `##` line or at the first line that is not a `##` comment.
+    """
     parts = []
     for line in path.read_text().splitlines():
         stripped = line.strip()
@@ -41,8 +44,13 @@ def comment_description(path: Path) -> str:
             continue
         if not stripped.startswith("##"):
             break
-        parts.append(stripped[2:].strip())
-    return " ".join(part for part in parts if part)
+        text = stripped[2:].strip()
+        if not text:
+            if parts:
+                break
+            continue
+        parts.append(text)
+    return " ".join(parts)
 
 
 def config_description(path: Path, config: Config | None) -> str:

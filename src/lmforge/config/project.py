@@ -51,10 +51,23 @@ class Project:
         return _unique([*self.template_dirs, self.config_dir, *self.workspace_dirs])
 
     def config_files(self) -> list[Path]:
-        """Return every *.yaml file under the config directory, sorted."""
+        """Return the *.yaml files under the config directory, sorted.
+
+        meta.yaml and files inside a template directory are left out, since a project may use
+        its own directory (`config_dir: .`) as its config directory.
+        """
         if not self.config_dir.is_dir():
             return []
-        return sorted(p for p in self.config_dir.rglob("*.yaml") if p.is_file())
+        files = []
+        for path in sorted(self.config_dir.rglob("*.yaml")):
+            if not path.is_file() or path == self.dir / META_FILE:
+                continue
+            if any(template_dir in path.parents for template_dir in self.template_dirs):
+                continue
+            if any(part.startswith(".") for part in path.relative_to(self.config_dir).parts):
+                continue
+            files.append(path)
+        return files
 
 
 def _unique(paths: list[Path]) -> list[Path]:
