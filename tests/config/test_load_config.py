@@ -38,7 +38,8 @@ def test_precedence_parent_child_command_line(budget_project):
     assert parent.namespace["total_steps"] == 100
     assert child.namespace["total_steps"] == 500
     assert overridden.namespace["total_steps"] == 2000
-    assert overridden.namespace["total_tokens"] == 20000.0
+    assert overridden.namespace["total_tokens"] == 20000
+    assert isinstance(overridden.namespace["total_tokens"], int)
     assert "steps: 2000\nlr: 0.5\n" == overridden.preprocessed
 
 

@@ -180,8 +180,7 @@ def load_config(
         # Blank lines around the YAML are leftovers of statement lines, e.g. `== super()`.
         preprocessed = re.sub(r"\A(?:[ \t]*\n)+", "", preprocessed)
         preprocessed = preprocessed.rstrip() + "\n" if preprocessed.strip() else ""
-    except (jinja2.TemplateError, LmforgeError, ArithmeticError, TypeError, ValueError, KeyError,
-            AttributeError, OSError) as exc:
+    except Exception as exc:  # any failure inside template code is reported at its template line
         raise render_error(exc, display, name) from exc
 
     check_override_keys(overrides, namespace_used_keys(namespace), name)

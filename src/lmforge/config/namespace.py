@@ -65,10 +65,19 @@ def namespace_used_keys(namespace: PinnedNamespace) -> set[str]:
 
 
 def parse_scalar(text: str) -> Any:
-    """Parse an override value as a YAML scalar; `1e6` and `1E-4` become floats, as in Python."""
+    """Parse an override value as a YAML scalar; `1e6` becomes the int 1000000 and `1E-4` a float.
+
+    `[...]` and `{...}` give a list or dict. Any other text that YAML would read as a mapping
+    or cut at a ` #` comment (a path like `data: x`, `a #1`) stays the text as written.
+    """
+    stripped = text.strip()
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
+        return text
+    if isinstance(value, (list, dict)) and not stripped.startswith(("[", "{")):
+        return text
+    if isinstance(value, str) and not stripped.startswith(("'", '"')) and value != stripped:
         return text
     if isinstance(value, str):
         try:
@@ -76,7 +85,8 @@ def parse_scalar(text: str) -> Any:
         except ValueError:
             return value
         if math.isfinite(number) and value.strip().lower() not in {"nan", "inf", "-inf", "+inf", "infinity"}:
-            return int(number) if number.is_integer() and "e" not in value.lower() and "." not in value else number
+            # `1e9` (an exponent, no dot, a whole number) is a count such as a token budget: an int.
+            return int(number) if number.is_integer() and "." not in value else number
     return value
 
 
