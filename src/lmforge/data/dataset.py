@@ -92,6 +92,10 @@ class ChatDataset(IterableDataset):
         self._ready: deque[list[Document]] = deque()  # packed rows not yet yielded
         self._sync_group = None
         self._sync = False
+        # Rows read and skipped in the last finished epoch; the row reader's own counts restart each epoch.
+        self.last_epoch_rows: dict[str, Any] | None = None
+        # A list here receives each document's token length before the overflow policy (for --stats).
+        self.observed_lengths: list[int] | None = None
 
     # --- sharding -------------------------------------------------------------------------
 
@@ -156,6 +160,7 @@ class ChatDataset(IterableDataset):
         self._end_epoch()
 
     def _end_epoch(self) -> None:
+        self.last_epoch_rows = {"rows_read": self.rows.rows_read, "skipped": dict(self.rows.skipped)}
         logger.info(
             "data epoch %d done: %d rows read, skipped %s, %d documents, %d rows yielded, fill %.4f",
             self.epoch, self.rows.rows_read, dict(self.rows.skipped) or "none", self.stats["documents"],
@@ -203,6 +208,8 @@ class ChatDataset(IterableDataset):
         for document in documents:
             self.stats["documents"] += 1
             length = len(document.input_ids)
+            if self.observed_lengths is not None:
+                self.observed_lengths.append(length)
             if length <= self.max_length:
                 fitted.append(document)
                 continue
