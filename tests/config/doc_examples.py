@@ -1,9 +1,10 @@
 """Read the examples of docs/templates.md so a test can render each one and compare the output.
 
-A fenced block whose info string has `example=NAME file=PATH` adds a file to example NAME
-(the first `configs/...` file is the config to load); `example=NAME output` holds the expected
-preprocessed YAML; `example=NAME construct=TARGET` holds the expected `pprint.pformat` of that
-target; `example=NAME error` holds text that the load error must contain. `set=KEY=VALUE,...`
+A fenced block whose info string has `example=NAME file=PATH` adds a file to example NAME,
+and the first `configs/...` file is the config to load. A block with `example=NAME output`
+contains the expected preprocessed YAML, one with `example=NAME construct=TARGET` the expected
+`pprint.pformat` of that target, and one with `example=NAME error` text that the load error
+must contain. `set=KEY=VALUE,...`
 on an output or error block gives the overrides to load with.
 """
 

@@ -19,7 +19,7 @@ SUB_SEPARATOR = "#"
 
 @dataclass
 class LoadedTemplate:
-    """Where one loaded template comes from."""
+    """The source of one loaded template."""
 
     name: str
     """The name Jinja loaded it under: a search-path-relative or absolute path, plus `#SUB` for a sub-template."""
@@ -38,10 +38,10 @@ class _FileEntry:
 class TemplateLibraryLoader(jinja2.BaseLoader):
     """Loads templates from an ordered search path (first match wins), split into sub-templates.
 
-    Names: `dir/file.yaml` (searched on the path), an absolute path, `file.yaml#SUB` for the
-    sub-template SUB of that file, or a bare `SUB`: first a sub-template of the including
+    A name is `dir/file.yaml` (searched on the path), an absolute path, or `file.yaml#SUB` for
+    the sub-template SUB of that file. A bare `SUB` is first a sub-template of the including
     file (see `LibraryEnvironment.join_path`), else the only sub-template of that name among
-    the files loaded so far. The loader keeps no state between `load_config` calls because
+    the files loaded so far. The loader keeps no state between `load_config` calls, because
     each call makes a new environment.
     """
 

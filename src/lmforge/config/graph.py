@@ -58,7 +58,7 @@ class ContainerNode(Node):
 
 
 class ConstructError(LmforgeError):
-    """A failure while building a node, carrying the node's path from the target."""
+    """A failure while building a node; the message names the node's path from the target."""
 
 
 @dataclass
@@ -67,7 +67,7 @@ class _Builder:
     base_dir: Path | None
     locate: Any  # callable(preprocessed line) -> str describing the source location
     memo: dict[int, Any] = field(default_factory=dict)
-    used_variables: set[str] = field(default_factory=set)
+    """Objects built in this call, keyed by the id of their node, so a node referenced twice is built once."""
 
     def build(self, value: Any, path: str) -> Any:
         if isinstance(value, CallNode) and value.mode == "factory":
@@ -121,15 +121,14 @@ class _Builder:
             ) from exc
 
     def _build_var(self, node: VarNode, path: str) -> Any:
-        self.used_variables.add(node.var_name)
         if node.var_name in self.variables:
             return self.variables[node.var_name]
         if node.has_default:
             return self.build(node.default, path)
-        given = ", ".join(sorted(self.variables)) or "none"
+        passed = ", ".join(sorted(self.variables)) or "none"
         raise ConstructError(
             f"variable {node.var_name!r} is not set (!var at {path}, {self.locate(node.line)})",
-            hint=f"pass it to construct({node.var_name}=...), or give the !var a default; variables given: {given}",
+            hint=f"pass it to construct({node.var_name}=...), or give the !var a default; variables given: {passed}",
         )
 
     def _build_container(self, node: ContainerNode, path: str) -> Any:

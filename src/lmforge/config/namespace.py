@@ -21,9 +21,10 @@ class PinnedNamespace(Namespace):
 
     Command-line overrides are pinned before rendering, so `--set ns.lr=...` beats every
     template assignment. Between templates, the later assignment wins: a child block that
-    calls `super()` and then sets a key replaces the parent's value, so parents compute
-    derived values in a block that runs after the one children override. It records every key a template
-    reads or assigns, so the loader can reject an override key that no template uses.
+    calls `super()` and then sets a key replaces the parent's value. So parents compute
+    derived values in a block that runs after the blocks children override. The namespace
+    records every key a template reads or assigns, so the loader can reject an override key
+    that no template uses.
     """
 
     def __init__(self, pinned: Mapping[str, Any] | None = None):

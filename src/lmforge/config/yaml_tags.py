@@ -6,10 +6,10 @@
     !var NAME | !var {name: NAME, default: VALUE}
     !dict, !list, !tuple, !dlist (each also with an optional @name suffix)
 
-Arguments of `!call`/`!factory`/`!partial`: a sequence (positional), a mapping (keyword; its
-`args:` entry, when a plain sequence, adds positional arguments and its `kwargs:` entry, when
-a plain mapping, adds keyword arguments; `argN` keys are positional, sorted by N), a
-non-empty scalar (one positional argument) or nothing.
+Arguments of `!call`/`!factory`/`!partial` are a sequence (positional), a mapping (keyword),
+a non-empty scalar (one positional argument) or nothing. In a mapping, an `args:` entry with
+a plain sequence adds positional arguments, a `kwargs:` entry with a plain mapping adds
+keyword arguments, and `argN` keys are positional arguments sorted by N.
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def _arguments(loader: GraphLoader, node: yaml.Node, tag: str) -> tuple[list[Any
     numbered: list[tuple[int, Any]] = []
     kwargs: dict[str, Any] = {}
     for key, value in mapping:
-        # `args: [..]` and `kwargs: {..}` are argument lists only with a plain sequence or mapping
-        # value; with any other value (e.g. a tagged node) they are keyword arguments.
+        # `args:` and `kwargs:` hold argument lists only when the value is a plain sequence or
+        # mapping. With any other value (e.g. a tagged node) they are keyword arguments.
         if key == "args" and type(value) is list:
             args.extend(value)
         elif key == "kwargs" and type(value) is dict:
