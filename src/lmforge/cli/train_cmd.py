@@ -87,6 +87,8 @@ def train(
         overrides["resume"] = str(validate_checkpoint(resume_from.resolve()))
 
     device_list = launcher.parse_devices(devices) if devices is not None else None
+    device_type = str(namespace.get("device_type") or "cpu")
+    launcher.check_device_flags(device_type, device_list)
     run_dir = run_dir.resolve()
     request = launcher.LaunchRequest(
         config=str(config.path),
@@ -95,7 +97,7 @@ def train(
         run_dir=run_dir,
         model_dir=(model or run_dir).resolve(),
         nproc_per_node=launcher.resolve_process_count(namespace, device_list, nproc, nnodes),
-        device_type=str(namespace.get("device_type") or "cpu"),
+        device_type=device_type,
         devices=device_list,
         nnodes=nnodes,
         node_rank=node_rank,

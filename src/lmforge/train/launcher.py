@@ -86,10 +86,15 @@ def check_before_launch(request: LaunchRequest, namespace: Mapping[str, Any]) ->
     _check_writable(request.run_dir)
 
 
+def check_device_flags(device_type: str, devices: Optional[list[int]]) -> None:
+    """Reject `-d` on a CPU config (before process counts are compared)."""
+    if device_type != "cuda" and devices is not None:
+        raise LmforgeError(f"-d selects CUDA devices, but the config's device_type is {device_type}", hint="use --nproc N for CPU runs")
+
+
 def _check_devices(request: LaunchRequest) -> None:
+    check_device_flags(request.device_type, request.devices)
     if request.device_type != "cuda":
-        if request.devices is not None:
-            raise LmforgeError("-d selects CUDA devices, but the config's device_type is cpu", hint="use --nproc N for CPU runs")
         return
     import torch
 
