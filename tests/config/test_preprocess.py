@@ -28,10 +28,14 @@ def render(text: str, **variables) -> str:
         ("k: v   ## trailing comment\n", "k: v\n"),
         ("-- set x = 5 ## comment after a statement\nk: {{ x }}\n", "k: 5\n"),
         ("url: a##b\n", "url: a##b\n"),
+        ('title: "a ## b"  ## note\n', 'title: "a ## b"\n'),
+        ("title: 'a ## b'\n", "title: 'a ## b'\n"),
+        ("note: don't ## comment\n", "note: don't\n"),
         ("key: == x\n", "key: == x\n"),
     ],
     ids=["statement", "trim-left", "trim-right", "print", "print-indented", "print-trimmed",
-         "comment-line", "comment-trailing", "comment-after-statement", "hashes-in-text", "mid-line-prefix"],
+         "comment-line", "comment-trailing", "comment-after-statement", "hashes-in-text", "hashes-in-double-quotes", "hashes-in-single-quotes",
+         "apostrophe-before-comment", "mid-line-prefix"],
 )
 def test_line_syntax_forms(source, expected):
     assert render(source) == expected

@@ -9,7 +9,8 @@ error are the line numbers of the source file. Rules, applied to each line:
     == expr      {{ expr }}       print (the indentation before `==` is dropped)
     => expr      {{- expr -}}     print, removing the whitespace (newlines included) around it
     ## text      {# text #}       a whole-line comment, which leaves no output
-    x ## text    x                a trailing comment (whitespace, `##`, whitespace or end of line)
+    x ## text    x                a trailing comment (whitespace, `##`, whitespace or end of line),
+                                  except inside a quoted string
     [name]       {% block name %} a block that ends before the next `[...]` line indented at most
                                   as far, before the first non-blank line indented less, before a
                                   statement that closes or continues a Jinja structure opened
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from lmforge.errors import LmforgeError
 
 _PREFIX_RE = re.compile(r"^(?P<indent>[ \t]*)(?P<prefix>--|<<|>>|==|=>|##)(?=\s|$)(?P<body>.*)$")
-_TRAILING_COMMENT_RE = re.compile(r"\s+##(?:\s.*)?$")
+_TRAILING_COMMENT_RE = re.compile(r"\s+##(?=\s|$)")
 _BLOCK_RE = re.compile(r"^(?P<indent>[ \t]*)\[(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?P<trim>!?)\][ \t]*$")
 _TAG_RE = re.compile(r"\{%-?\s*(?P<tag>\w+)(?P<body>.*?)-?%\}")
 # Jinja statements that open a structure closed by `end<tag>`; `set` only without `=` (a block set).
@@ -192,4 +193,23 @@ def _convert_line(line: str) -> str:
 
 
 def _strip_trailing_comment(line: str) -> str:
-    return _TRAILING_COMMENT_RE.sub("", line)
+    """Remove a trailing ` ## note`, unless the `##` is inside a quoted string."""
+    for match in _TRAILING_COMMENT_RE.finditer(line):
+        if not _inside_quotes(line, match.start()):
+            return line[: match.start()]
+    return line
+
+
+_QUOTE_OPENERS = " \t:[{(,="
+
+
+def _inside_quotes(line: str, position: int) -> bool:
+    """Tell whether POSITION is inside a '...' or "..." string (an apostrophe within a word opens none)."""
+    quote = None
+    for index, char in enumerate(line[:position]):
+        if quote is not None:
+            if char == quote:
+                quote = None
+        elif char == '"' or (char == "'" and (index == 0 or line[index - 1] in _QUOTE_OPENERS)):
+            quote = char
+    return quote is not None
