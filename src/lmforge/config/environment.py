@@ -98,7 +98,7 @@ class TemplateLibraryLoader(jinja2.BaseLoader):
         if filename not in self.loaded:
             self.loaded[filename] = LoadedTemplate(name=template, path=path, section=section_name)
             self.load_order.append(filename)
-        source = preprocess(entry.sections[section_name].text, filename)
+        source = preprocess(entry.sections[section_name].text)
         return source, filename, lambda: True
 
     def list_templates(self) -> list[str]:

@@ -94,7 +94,7 @@ class _OpenBlock:
     """0-based index of the line that opened it."""
 
 
-def preprocess(text: str, filename: str = "<string>") -> str:
+def preprocess(text: str) -> str:
     """Rewrite line syntax and `[name]` blocks into Jinja, keeping every line where it was."""
     lines = text.split("\n")
     out: list[str] = []
