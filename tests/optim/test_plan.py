@@ -88,3 +88,13 @@ def test_train_flag_tables_match():
     assert set(TRAIN_FLAG_HELP) == set(TRAIN_FLAG_TO_NS)
     with pytest.raises(KeyError, match="--epochs"):
         train_flag_sets({"--epochs": 2})
+
+
+def test_plan_start_annealing_lines():
+    manual = reference_namespace(decay_start_step=-1)
+    manual["start_annealing"] = True
+    assert "start-annealing  requested for the first step of this run" in format_plan(manual)
+
+    configured = reference_namespace()
+    configured["start_annealing"] = True
+    assert "has no effect: decay_start_step is 25,699" in format_plan(configured)

@@ -154,7 +154,10 @@ def format_plan(namespace: Mapping[str, Any], title: str | None = None) -> str:
         row("decay", decay_text)
 
     if get("start_annealing") in (True, "true", "True"):
-        row("start-annealing", "requested for the first step of this run")
+        if decay_start is not None and decay_start >= 0:
+            row("start-annealing", f"has no effect: decay_start_step is {decay_start:,} (set it to -1 to decay on request)")
+        else:
+            row("start-annealing", "requested for the first step of this run")
     row(
         "learning rate",
         f"peak {_lr(get('peak_lr'))} (lr {_lr(get('lr'))} x sqrt(tokens_per_step / {_count(get('base_batch_size'))})), "
