@@ -56,6 +56,14 @@ def create_app(engine: GenerationEngine, *, api_key: str | None = None) -> FastA
         engine.start()
         yield
         engine.shutdown()
+        stats = engine.stats()
+        logger.info(
+            "Server stopped after %d completed, %d cancelled and %d failed requests (%d tokens generated)",
+            stats["completed_requests"],
+            stats["cancelled_requests"],
+            stats["failed_requests"],
+            stats["generated_tokens"],
+        )
 
     app = FastAPI(title="lmforge inference server", lifespan=lifespan)
     app.state.engine = engine

@@ -21,13 +21,13 @@ def resolve_model_path(model_dir: str | Path, checkpoint: str | None = None, use
     `COMPLETE` marker). `checkpoint` may be a directory name (`checkpoint-500`), a
     step number (`500`) or a path; a named checkpoint must be complete too.
     """
-    from lmforge.train.checkpoints import COMPLETE_MARKER, checkpoints_root, is_complete, list_checkpoints
-
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise LmforgeError(f"model directory not found: {model_dir}", hint="pass the training output directory or a converted model directory to -m")
     if checkpoint is None and not use_checkpoint:
         return model_dir
+
+    from lmforge.train.checkpoints import COMPLETE_MARKER, checkpoints_root, is_complete, list_checkpoints
 
     root = checkpoints_root(model_dir)
     if checkpoint is None:

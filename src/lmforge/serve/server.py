@@ -49,7 +49,11 @@ def _is_loopback(host: str) -> bool:
 
 
 def run_server(app, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None) -> None:
-    """Serve `app` until interrupted (Ctrl-C or SIGTERM)."""
+    """Serve `app` until interrupted.
+
+    On Ctrl-C or SIGTERM uvicorn finishes open responses (at most 5 s), runs the
+    application's shutdown, then re-raises the signal, so the exit status reports it.
+    """
     import uvicorn
 
     if not _is_loopback(host):
@@ -66,7 +70,6 @@ def run_server(app, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
         server.run(sockets=[sock])
     finally:
         sock.close()
-    logger.info("Server on %s stopped", url)
 
 
 class BackgroundServer:
