@@ -236,3 +236,22 @@ def test_meta_yaml_unknown_key(make_project):
 def test_default_config_from_meta(make_project):
     project = make_project({"configs/c.yaml": "a: 1\n"}, meta="default_config: c.yaml\n")
     assert load_config(None, project_dir=project).name == "c.yaml"
+
+
+def test_unknown_tag_suggests(make_project):
+    project = make_project({"configs/c.yaml": "a: 1\nmain: !cal:dict {x: 1}\n"})
+    with pytest.raises(LmforgeError) as raised:
+        load_config("c.yaml", project_dir=project)
+    message = str(raised.value)
+    assert "from configs/c.yaml:2" in message
+    assert "unknown tag !cal:dict" in message
+    assert "did you mean !call:SPEC" in message
+
+
+def test_invalid_tag_use_points_at_source(make_project):
+    project = make_project({"templates/t.yaml": "a: 1\nb: !var\n", "configs/c.yaml": "-- include 't.yaml'\n"})
+    with pytest.raises(LmforgeError) as raised:
+        load_config("c.yaml", project_dir=project)
+    message = str(raised.value)
+    assert "!var has no variable name" in message
+    assert "(from templates/t.yaml:2)" in message

@@ -23,7 +23,7 @@ from lmforge.config.namespace import (
     parse_overrides,
 )
 from lmforge.config.project import Project, find_project, load_project, workspace_template_dirs
-from lmforge.config.yaml_tags import parse_graph
+from lmforge.config.yaml_tags import TagError, parse_graph
 from lmforge.errors import LmforgeError
 
 
@@ -187,8 +187,11 @@ def load_config(
 
     try:
         graph = parse_graph(preprocessed)
-    except LmforgeError as exc:
-        raise LmforgeError(f"config {name}: {exc.message}", hint=exc.hint) from exc
+    except TagError as exc:
+        lines = preprocessed.splitlines()
+        source = guess_source(lines[exc.line - 1], display) if 1 <= exc.line <= len(lines) else None
+        where = f" (from {source})" if source else ""
+        raise LmforgeError(f"config {name}: {exc.message}{where}", hint=exc.hint) from exc
     except yaml.YAMLError as exc:
         raise yaml_error(exc, preprocessed, display, name) from exc
     if graph is None:

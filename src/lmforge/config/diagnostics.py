@@ -13,6 +13,7 @@ import yaml
 from lmforge.config.environment import SUB_SEPARATOR, TemplateLibraryLoader
 from lmforge.errors import LmforgeError
 
+_UNKNOWN_TAG_RE = re.compile(r"could not determine a constructor for the tag '([^']+)'")
 _NS_ATTRIBUTE_RE = re.compile(r"'[\w.]*PinnedNamespace object' has no attribute '(\w+)'")
 
 
@@ -155,7 +156,15 @@ def yaml_error(exc: yaml.YAMLError, preprocessed: str, display: SourceDisplay, c
     source = guess_source(quoted, display)
     if source:
         parts.append(f"  from {source}")
-    return LmforgeError("\n".join(parts), hint=f"inspect the whole text with `lmforge -t {config_name} pp`")
+    hint = f"inspect the whole text with `lmforge -t {config_name} pp`"
+    tag_match = _UNKNOWN_TAG_RE.search(str(exc))
+    if tag_match:
+        from lmforge.config.yaml_tags import TAG_NAMES
+
+        tag = tag_match.group(1)
+        close = difflib.get_close_matches(tag.split(":")[0] + (":SPEC" if ":" in tag else ""), TAG_NAMES, n=2)
+        hint = f"unknown tag {tag}; " + (f"did you mean {', '.join(close)}?" if close else f"tags: {', '.join(TAG_NAMES)}")
+    return LmforgeError("\n".join(parts), hint=hint)
 
 
 def guess_source(line: str, display: SourceDisplay) -> str | None:

@@ -30,6 +30,18 @@ class GraphLoader(yaml.SafeLoader):
     """SafeLoader plus the lmforge tags."""
 
 
+class TagError(LmforgeError):
+    """An invalid use of an lmforge tag, at `line` of the preprocessed YAML."""
+
+    def __init__(self, message: str, line: int, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.line = line
+
+
+TAG_NAMES = ["!call:SPEC", "!singleton:SPEC", "!factory:SPEC", "!partial:SPEC", "!var", "!dict", "!list",
+             "!tuple", "!dlist"]
+
+
 def _split_name(suffix: str) -> tuple[str, str | None]:
     if "@" in suffix:
         spec, _, name = suffix.rpartition("@")
@@ -41,8 +53,8 @@ def _line(node: yaml.Node) -> int:
     return node.start_mark.line + 1
 
 
-def _tag_error(node: yaml.Node, message: str, hint: str | None = None) -> LmforgeError:
-    return LmforgeError(f"line {_line(node)} of the preprocessed YAML: {message}", hint=hint)
+def _tag_error(node: yaml.Node, message: str, hint: str | None = None) -> TagError:
+    return TagError(f"line {_line(node)} of the preprocessed YAML: {message}", _line(node), hint=hint)
 
 
 def _call_constructor(mode: str):
