@@ -56,6 +56,12 @@ def test_nested_block_ends_at_dedent():
     assert render(source) == "model:\n    hidden: 8\nafter: 1\n"
 
 
+def test_nested_blocks_close_together():
+    source = "outer:\n    [a]\n    x:\n        [b]\n        y: 1\nz: 2\n"
+    assert preprocess(source).splitlines()[4] == "        y: 1{% endblock +%}{% endblock +%}"
+    assert render(source) == "outer:\n    x:\n        y: 1\nz: 2\n"
+
+
 def test_toml_block_runs_to_next_header():
     source = "[a]\nx: 1\ny: 2\n\n[b]\nz: 3\n"
     converted = preprocess(source).splitlines()

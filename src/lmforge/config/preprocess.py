@@ -147,7 +147,8 @@ def _close_block(block: _OpenBlock, out: list[str], lines: list[str]) -> None:
     carriage = out[last][len(text):]
     # After a statement or comment the line leaves no output, so the endblock may trim the
     # newline. After text, `+%}` keeps the newline because it turns trim_blocks off for this tag.
-    ends_with_tag = text.rstrip().endswith(("%}", "#}")) or last == block.line
+    # A line that an inner block's `+%}` already closed keeps its newline too.
+    ends_with_tag = text.rstrip().endswith(("%}", "#}")) and not text.endswith("+%}") or last == block.line
     opening = "{%- endblock" if block.trim else "{% endblock"
     out[last] = text + opening + (" %}" if ends_with_tag else " +%}") + carriage
 
