@@ -51,7 +51,7 @@ class Config:
         self.project = project
         self.preprocessed = preprocessed
         self.template_chain = template_chain
-        """Templates in load order, first the config itself, as project- or workspace-relative names."""
+        """Templates in load order, first the config itself, as paths relative to the project directory."""
         self.template_edges = template_edges
         """(parent, child, kind) of each extends/include/import, with displayed names, in load order."""
         self.namespace = namespace
@@ -152,7 +152,6 @@ def load_config(
     if project is not None:
         search_path = project.search_path()
         name = str(path.relative_to(project.config_dir)) if _is_relative_to(path, project.config_dir) else str(path)
-        roots = [project.dir, project.workspace_file.parent if project.workspace_file else None]
         variables = {
             "project_dir": str(project.dir),
             "config_dir": str(project.config_dir),
@@ -162,7 +161,6 @@ def load_config(
         workspace, workspace_dirs = workspace_template_dirs(path.parent)
         search_path = [path.parent, *workspace_dirs]
         name = str(config)
-        roots = [path.parent, workspace.parent if workspace else None]
         variables = {
             "project_dir": str(path.parent),
             "config_dir": str(path.parent),
@@ -173,7 +171,7 @@ def load_config(
     namespace = PinnedNamespace(overrides)
     variables.update(ns=namespace, config_name=name, config_path=str(path))
     env = make_environment(search_path, variables)
-    display = SourceDisplay(env.loader, [root for root in roots if root is not None])
+    display = SourceDisplay(env.loader, project.dir if project is not None else path.parent)
 
     try:
         preprocessed = env.get_template(str(path)).render()

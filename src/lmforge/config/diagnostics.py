@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import traceback
 from pathlib import Path
@@ -18,19 +19,20 @@ _NS_ATTRIBUTE_RE = re.compile(r"'[\w.]*PinnedNamespace object' has no attribute 
 
 
 class SourceDisplay:
-    """Show template files by short names (relative to the project or workspace) and quote their lines."""
+    """Show template files by paths relative to the project directory and quote their lines.
 
-    def __init__(self, loader: TemplateLibraryLoader, roots: list[Path]):
+    A shared template outside the project shows as `../../templates/x.yaml`, so it is never
+    mistaken for a project template with the same relative name.
+    """
+
+    def __init__(self, loader: TemplateLibraryLoader, base_dir: Path):
         self.loader = loader
-        self.roots = [root for root in roots if root is not None]
+        self.base_dir = base_dir
 
     def short_path(self, path: Path) -> str:
-        for root in self.roots:
-            try:
-                return str(path.relative_to(root))
-            except ValueError:
-                continue
-        return str(path)
+        relative = os.path.relpath(path, self.base_dir)
+        # Beyond three levels up, the absolute path is easier to read.
+        return str(path) if relative.startswith((os.pardir + os.sep) * 4) else relative
 
     def describe(self, filename: str) -> str:
         """Return `short/path.yaml` or `short/path.yaml#SUB` for a filename given to Jinja."""
