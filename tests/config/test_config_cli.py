@@ -21,7 +21,9 @@ def test_pp_shows_chain_and_yaml(run_lmforge, sample_project):
 def test_set_overrides_child(run_lmforge, sample_project):
     result = run_lmforge("-p", sample_project, "--set", "ns.total_tokens=1e4", "--set", "ns.seq_len=25",
                          "pp", check=True)
-    assert "    total_steps: 200" in result.stdout.splitlines()
+    lines = result.stdout.splitlines()
+    assert "    total_steps: 200" in lines
+    assert lines[3] == "# overrides: --set ns.total_tokens=1e4 --set ns.seq_len=25"
 
 
 def test_targets(run_lmforge, sample_project):

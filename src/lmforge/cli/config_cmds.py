@@ -51,12 +51,15 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def pp(ctx: typer.Context) -> None:
-    """Print the fully preprocessed YAML of -t CONFIG, headed by its template chain."""
+    """Print the fully preprocessed YAML of -t CONFIG, headed by its template chain, `ns` values and overrides."""
     config = _load(ctx)
     typer.echo(f"# config: {config.name}")
     typer.echo("# template chain: " + " -> ".join(config.template_chain))
     if config.namespace:
         typer.echo("# ns: " + ", ".join(f"{key}={value!r}" for key, value in config.namespace.items()))
+    sets = global_options(ctx).sets
+    if sets:
+        typer.echo("# overrides: " + " ".join(f"--set {entry}" for entry in sets))
     typer.echo(config.preprocessed.rstrip("\n"))
 
 
