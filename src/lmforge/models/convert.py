@@ -30,7 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError
-from lmforge.models.chat_tokens import CHATML_TOKENS, apply_token_plan, load_token_plan, resize_for_new_tokens
+from lmforge.models.chat_tokens import (
+    CHATML_TOKENS,
+    NEW_TOKEN_INIT_METHODS,
+    apply_token_plan,
+    load_token_plan,
+    resize_for_new_tokens,
+)
 from lmforge.models.checks import LOSS_TOLERANCE, CheckResult, compare_with_reference, take_reference
 from lmforge.models.model_dir import check_architecture, check_model_dir, read_model_config, resolve_dtype
 from lmforge.models.stop_tokens import stop_token_ids
@@ -116,12 +122,18 @@ def chatml_template_text() -> str:
     return CHATML_TEMPLATE
 
 
+def _gguf_architectures() -> list[str]:
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    return [name for name in GGUF_SUPPORTED_ARCHITECTURES if name not in ("general", "tokenizer")]
+
+
 def _gguf_error(path: Path, exc: Exception) -> LmforgeError:
     message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if "architecture" in message.lower():
         return LmforgeError(
             f"unsupported architecture in GGUF file {path}: {message}",
-            hint="transformers' GGUF loader supports llama, mistral, qwen2 and a few more; convert another model",
+            hint=f"transformers' GGUF loader reads these architectures: {', '.join(_gguf_architectures())}",
         )
     return LmforgeError(f"failed to read GGUF file {path}: {message}", hint="check that the file is complete")
 
@@ -300,6 +312,25 @@ def commit_directory(tmp_dir: Path, dst: Path) -> None:
         shutil.rmtree(old_dir, ignore_errors=True)
 
 
+def check_options(options: ConvertOptions) -> None:
+    """Raise LmforgeError for an invalid option before the slow model loading starts."""
+    if options.new_token_init not in NEW_TOKEN_INIT_METHODS:
+        raise LmforgeError(
+            f"invalid --new-token-init {options.new_token_init!r}",
+            hint=f"use one of: {', '.join(NEW_TOKEN_INIT_METHODS)}",
+        )
+    if options.dtype != "auto":
+        resolve_dtype(options.dtype)
+    if options.max_length is not None and options.max_length <= 0:
+        raise LmforgeError(f"invalid --max-length {options.max_length}: expected a positive number of positions")
+    if options.chat_template not in (None, "source") and not Path(options.chat_template).is_file():
+        raise LmforgeError(
+            f"chat template file not found: {options.chat_template}", hint="pass a Jinja file or 'source'"
+        )
+    if not options.loss_tolerance >= 0:
+        raise LmforgeError(f"invalid --loss-tolerance {options.loss_tolerance}: expected a number >= 0")
+
+
 def convert_model(
     src: str | Path, dst: str | Path, options: ConvertOptions | None = None, source_label: str | None = None
 ) -> ConvertReport:
@@ -313,6 +344,7 @@ def convert_model(
     src, dst = Path(src), Path(dst)
     started = time.monotonic()
     check_destination(dst, options.force, src)
+    check_options(options)
     plan = load_token_plan(options.add_tokens) if options.add_tokens else None
 
     model, tokenizer, kind, stored_dtype = load_source(src)
