@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from lmforge.train import checkpoints as ckpt
 from lmforge.train.callbacks import TrainerCallback, read_json_log
 from lmforge.train.loss import CausalLMLoss
-from train_helpers import build_trainer, collate, make_rows
+from .train_helpers import build_trainer, collate, make_rows
 
 
 class StepRecorder(TrainerCallback):
@@ -240,3 +241,31 @@ def test_invalid_arguments_rejected(tiny_llama_dir, tmp_path):
 
     with pytest.raises(LmforgeError, match="save_strategy='sometimes' is invalid"):
         build_trainer(tiny_llama_dir, tmp_path / "run", make_rows(4), save_strategy="sometimes")
+
+
+def test_bf16_autocast_keeps_fp32_weights(tiny_llama_dir, tmp_path):
+    trainer = build_trainer(tiny_llama_dir, tmp_path / "run", make_rows(8), max_steps=2, mixed_precision="bf16", save_strategy="no")
+    end = trainer.train()
+    assert end["global_step"] == 2
+    assert all(parameter.dtype == torch.float32 for parameter in trainer.backend.hf_model.parameters())
+    assert all(state["exp_avg"].dtype == torch.float32 for state in trainer.optimizer.state.values())
+    assert math.isfinite(trainer.last_loss)
+
+
+def test_activation_checkpointing_same_gradients(tiny_llama_dir):
+    from lmforge.train.backends.single import SingleDeviceBackend
+    from transformers import AutoModelForCausalLM
+
+    batch = collate(make_rows(2, seq_len=24, seed=5))
+    num_tokens = int((batch["labels"] != -100).sum())
+    grads = []
+    for checkpointing in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        backend = SingleDeviceBackend({"device": "cpu"}, mixed_precision="fp32")
+        backend.prepare(model)
+        backend.forward_backward([batch], num_tokens)
+        grads.append({name: parameter.grad.clone() for name, parameter in backend.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=f"gradient of {name} differs")

@@ -120,6 +120,8 @@ class Trainer:
         self.backend_name = backend
         self.backend_options = dict(backend_options or {})
         self.resolved_config = resolved_config
+        self.config_name: Optional[str] = None
+        """Config name shown by `lmforge control list`; the worker sets it after constructing the trainer."""
 
         self.backend: Optional[Backend] = None
         self.optimizer: Optional[torch.optim.Optimizer] = None
@@ -139,6 +141,8 @@ class Trainer:
         self.last_eval_loss: Optional[float] = None
         self.last_learning_rate: Optional[float] = None
         """Learning rate applied in the most recent optimizer step."""
+        self.last_loss: Optional[float] = None
+        """Mean token loss of the most recent optimizer step."""
         self.divergence = DivergenceDetector(args.divergence_threshold, args.divergence_window, args.divergence_min_history)
 
         self._resume_checkpoint: Optional[Path] = None
@@ -347,6 +351,7 @@ class Trainer:
             logger.debug("lmforge.train.control is not available; control requests are disabled")
             return
         job_info = {
+            "config": self.config_name,
             "run_dir": str(Path(self.args.output_dir).resolve()),
             "run_name": self.run_name,
             "pid": os.getpid(),
@@ -416,6 +421,7 @@ class Trainer:
             self.global_step += 1
             self.tokens += num_tokens
             self.best_train_loss = min(self.best_train_loss, step_loss)
+            self.last_loss = step_loss
             interval_loss += step_loss
             interval_steps += 1
             interval_tokens += num_tokens

@@ -98,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
             world_size=world_size,
             resolved_config=config.preprocessed,
         )
+        trainer.config_name = config.name
         for name, value in json.loads(args.overrides).items():
             setattr(trainer.args, name, value)
         validate_arguments(trainer.args)
