@@ -57,7 +57,7 @@ def train(
 
     opts = global_options(ctx)
     if run_dir is None:
-        raise LmforgeError("no run directory given", hint="pass -M RUN_DIR (it holds the base model, or add --model MODEL_DIR)")
+        raise LmforgeError("run directory missing", hint="pass -M RUN_DIR (the base model directory, or add --model MODEL_DIR)")
     if no_resume and resume_from is not None:
         raise LmforgeError("--no-resume and --resume-from contradict each other", hint="give only one of them")
     if save_strategy is not None and save_strategy not in ("steps", "epoch", "no"):

@@ -43,9 +43,9 @@ class JsonLogWriter:
     The file is `[\\n`, then records separated by `,\\n`, then `\\n]` at close. While a
     run is alive the closing bracket is missing; readers (and `read_json_log`) add it.
 
-    Resume behaviour: `open(resume_step=S)` reads the existing file, tolerating a
-    missing closing bracket and a half-written last record (both left by a crash;
-    the original is kept as `trainer_logs.json.bak` when it had to be repaired),
+    Resume behaviour: `open(resume_step=S)` reads the existing file. It tolerates a
+    missing closing bracket and a half-written last record, which a crash leaves, and
+    keeps the original as `trainer_logs.json.bak` when it had to repair it. It then
     drops every record whose `global_step` is above S, rewrites the rest and
     continues appending. The writer holds no state beyond the open file.
     """
@@ -258,7 +258,10 @@ def _stop_token_ids(tokenizer, generation_config=None) -> list[int]:
         eos = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
         if eos is None:
             eos = tokenizer.eos_token_id
-        ids.extend(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if isinstance(eos, list):
+            ids.extend(eos)
+        elif eos is not None:
+            ids.append(eos)
         im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
         if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in ids:
             ids.append(im_end)

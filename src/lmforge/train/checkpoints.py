@@ -18,7 +18,7 @@ Every rank writes its files into `checkpoints/.tmp-checkpoint-STEP/`; after a
 barrier, rank 0 writes `COMPLETE` and renames the directory. A crash at any point
 leaves either the previous checkpoints untouched or a directory without `COMPLETE`,
 which auto-resume skips with a warning. The directory must be on a file system
-that every rank sees (one node, or a shared mount across nodes).
+that every rank can read and write (one node, or a shared mount across nodes).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Detect a diverging run from its step losses, before the bad update is applied.
 
 A step diverges when its loss is NaN or infinite, or finite but more than
-`threshold` times the moving average of the previous `window` finite losses (checked
-once `min_history` losses exist, so the first noisy steps of a fine-tune do not
-trip it). The trainer runs the check after the backward pass and before
+`threshold` times the moving average of the previous `window` finite losses. The
+moving-average test starts once `min_history` losses exist, so the first noisy steps
+of a fine-tune do not trip it. The trainer runs the check after the backward pass and before
 `optimizer.step()`, so the model still holds the last good weights when a
 checkpoint is saved.
 
@@ -22,7 +22,7 @@ from typing import Optional
 class DivergenceDetector:
     """Moving averages of the step loss and gradient norm.
 
-    Checkpoint behaviour: `state_dict()` holds the recent losses and gradient
+    Checkpoint behaviour: `state_dict()` contains the recent losses and gradient
     norms, so a resumed run judges its first steps against the same averages;
     `threshold`, `window` and `min_history` come from the constructor.
     """

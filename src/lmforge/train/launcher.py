@@ -131,7 +131,7 @@ def _check_model(model_dir: Path, namespace: Mapping[str, Any]) -> None:
 
 
 def _check_chat_tokens(model_dir: Path, namespace: Mapping[str, Any]) -> None:
-    """The packed data is rendered with ChatML unless the config names another template."""
+    """Check the ChatML tokens, which the packed data uses unless the config names another chat template."""
     chat_template = namespace.get("chat_template")
     if chat_template and "<|im_start|>" not in str(chat_template) and "chatml" not in str(chat_template).lower():
         return

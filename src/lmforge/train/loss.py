@@ -78,7 +78,7 @@ class CausalLMLoss(torch.nn.Module):
     """Wraps a Hugging Face causal LM so that `forward(batch)` returns the summed token loss.
 
     Backends wrap this module (with DDP, for instance) instead of the bare model, so
-    gradient hooks see the output projection too. It holds no state of its own:
+    gradient hooks see the output projection too. It has no state of its own:
     `state_dict()` is the wrapped model's, under the `model.` prefix.
     """
 

@@ -1,9 +1,9 @@
 """The trainer loop shared by every backend.
 
 Problem: single-device, DDP and pipeline training differ only in how one optimizer
-step's forward and backward passes run, but the loop around them (data, loss
-normalisation, optimizer and scheduler, logs, evaluation, checkpoints, resume,
-control requests, divergence) must behave identically, and resume exactly.
+step's forward and backward passes run. The loop around them must behave identically
+on all three and resume exactly: data, loss normalisation, optimizer and scheduler,
+logs, evaluation, checkpoints, control requests and the divergence guard.
 
 Mechanism: `Trainer.train()` runs setup, the loop and teardown as separate
 methods. Each optimizer step:
@@ -82,7 +82,7 @@ def resolve_backend(name: str) -> type[Backend]:
 class Trainer:
     """Trains a causal LM with one of the backends; `train()` runs to max_steps, an epoch limit or a stop request.
 
-    Checkpoint behaviour: a checkpoint (see `lmforge.train.checkpoints`) holds the
+    Checkpoint behaviour: a checkpoint (see `lmforge.train.checkpoints`) contains the
     model weights, the optimizer and scheduler states, each rank's dataset and RNG
     states, and `trainer_state.json` with `global_step`, `tokens` (trained tokens
     so far), `epoch`, `best_train_loss`, `best_eval_loss`, `best_checkpoint`,
@@ -278,8 +278,9 @@ class Trainer:
         if args.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if args.torch_compile:
-            # Compile each decoder layer in place (as torchtitan does), which leaves
-            # parameter names unchanged and composes with DDP and pipeline splits.
+            # Compile each decoder layer in place, as torchtitan does. Parameter names stay
+            # unchanged, so checkpoints, DDP and pipeline splits see the same model.
+            # NOTE: not exercised by the test suite (compiling takes minutes on CPU).
             for layer in model.get_decoder().layers:
                 layer.compile()
         self.backend.prepare(model)
@@ -597,28 +598,15 @@ class Trainer:
             for callback in self.callbacks:
                 callback.on_evaluate(self, math.nan)
             return None
+
         started = time.time()
-        totals = torch.zeros(2, dtype=torch.float64, device=self.backend.device)
-        batch_size = self.args.per_device_eval_batch_size
-        examples, batches = [], 0
-        if self._eval_start_state is not None:
-            self.eval_dataset.load_state_dict(copy.deepcopy(self._eval_start_state))
-        for example in self.eval_dataset:
-            examples.append(example)
-            if len(examples) == batch_size:
-                loss_sum, num_tokens = self.backend.eval_loss(self.data_collator(examples))
-                totals += torch.tensor([loss_sum, num_tokens], dtype=torch.float64, device=totals.device)
-                examples, batches = [], batches + 1
-                if self.args.max_eval_batches is not None and batches >= self.args.max_eval_batches:
-                    break
-        if examples and (self.args.max_eval_batches is None or batches < self.args.max_eval_batches):
-            loss_sum, num_tokens = self.backend.eval_loss(self.data_collator(examples))
-            totals += torch.tensor([loss_sum, num_tokens], dtype=torch.float64, device=totals.device)
+        totals = self._eval_loss_totals()
         if self.backend.world_size > 1:
             torch.distributed.all_reduce(totals)
         eval_loss = float(totals[0] / totals[1]) if totals[1] > 0 else math.nan
         self.last_eval_loss = eval_loss
         self._last_eval_step = self.global_step
+
         if self.is_main_process:
             logger.info("Step %d: eval_loss %.4f over %d tokens (%.1f s)", self.global_step, eval_loss, int(totals[1]), time.time() - started)
             self.json_log.write({"global_step": self.global_step, "eval_loss": eval_loss, "time": time.time()})
@@ -626,6 +614,30 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_evaluate(self, eval_loss)
         return eval_loss
+
+    def _eval_loss_totals(self) -> torch.Tensor:
+        """Return this rank's [summed token loss, trained tokens] over at most max_eval_batches batches."""
+        if self._eval_start_state is not None:
+            self.eval_dataset.load_state_dict(copy.deepcopy(self._eval_start_state))
+        totals = torch.zeros(2, dtype=torch.float64, device=self.backend.device)
+        max_batches = self.args.max_eval_batches
+        batch_size = self.args.per_device_eval_batch_size
+
+        def add_batch(examples: list) -> None:
+            loss_sum, num_tokens = self.backend.eval_loss(self.data_collator(examples))
+            totals.add_(torch.tensor([loss_sum, num_tokens], dtype=torch.float64, device=totals.device))
+
+        examples, batches = [], 0
+        for example in self.eval_dataset:
+            examples.append(example)
+            if len(examples) == batch_size:
+                add_batch(examples)
+                examples, batches = [], batches + 1
+                if max_batches is not None and batches >= max_batches:
+                    return totals
+        if examples:
+            add_batch(examples)
+        return totals
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -1,7 +1,7 @@
 """The per-process entry point that `torchrun` starts: `python -m lmforge.train.worker ...`.
 
 Each process initialises torch.distributed (gloo on CPU, nccl on CUDA) before the
-config is constructed, so datasets and backends can query their rank; it then
+config is constructed, so datasets and backends can query their rank. It then
 constructs the config's `trainer` target with the variables `run_dir`, `model_dir`,
 `rank`, `local_rank`, `world_size` and `resolved_config`, applies the `train`
 command's loop overrides (`--save-strategy` and the like) to `trainer.args`, and
@@ -122,8 +122,14 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
+    if args.debug:
+        level = logging.DEBUG
+    elif rank == 0:
+        level = logging.INFO
+    else:
+        level = logging.WARNING
     logging.basicConfig(
-        level=logging.DEBUG if args.debug else (logging.INFO if rank == 0 else logging.WARNING),
+        level=level,
         format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )

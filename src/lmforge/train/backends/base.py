@@ -44,7 +44,7 @@ class Backend(ABC):
     Checkpoint behaviour: a backend stores no training state of its own. The
     trainer saves the model through `save_model()` and the optimizer built over
     `named_parameters()`. When `shards_optimizer_state` is True (a pipeline, where
-    each rank holds different parameters), the trainer saves the optimizer and
+    each rank has different parameters), the trainer saves the optimizer and
     scheduler state per rank (`optimizer_rank{r}.pt`); otherwise rank 0 saves one
     copy. On resume, the trainer loads the full Hugging Face weights into the
     model BEFORE `prepare()`, so a backend that splits the model needs no load hook.
@@ -96,10 +96,10 @@ class Backend(ABC):
 
     @abstractmethod
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        """The (Hugging Face name, parameter) pairs this rank updates, for the optimizer factory."""
+        """Return the (Hugging Face name, parameter) pairs this rank updates, for the optimizer factory."""
 
     def parameters(self) -> Iterable[torch.nn.Parameter]:
-        """The parameters this rank updates."""
+        """Return the parameters this rank updates."""
         return [parameter for _, parameter in self.named_parameters()]
 
     @abstractmethod
@@ -109,8 +109,8 @@ class Backend(ABC):
         `num_trained_tokens` counts tokens with labels != -100 across all
         micro-batches and all data-parallel ranks, so the summed token losses are
         divided by the same number however the step is split. The return value is
-        this rank's summed token loss divided by `num_trained_tokens` (a detached
-        fp32 scalar); summed over all ranks it is the step's mean loss.
+        this rank's summed token loss divided by `num_trained_tokens`, as a detached
+        fp32 scalar. Summed over all ranks, it is the step's mean loss.
         """
 
     @abstractmethod
@@ -142,7 +142,7 @@ class Backend(ABC):
             self.hf_model.save_pretrained(directory, state_dict=self.model_state_dict(), safe_serialization=True)
 
     def generation_model(self) -> Optional[torch.nn.Module]:
-        """The full model for text generation on the main process, or None when no rank holds it."""
+        """Return the full model for text generation on the main process, or None when no rank has it."""
         return self.hf_model
 
     def barrier(self) -> None:
