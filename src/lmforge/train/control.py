@@ -135,8 +135,8 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 
 def make_job_id(job_info: dict, pid: int) -> str:
-    """Build a short id such as `open_orca-12345` from the run name or config name and the pid."""
-    name = job_info.get("run_name") or job_info.get("config") or "job"
+    """Build a short id such as `4gpu_ddp-12345` from the config name (else the run name) and the pid."""
+    name = job_info.get("config") or job_info.get("run_name") or "job"
     stem = Path(str(name)).stem or "job"
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("_.-")[:32] or "job"
     return f"{slug}-{pid}"
