@@ -56,8 +56,10 @@ def test_resume_after_step_10_matches_uninterrupted(tmp_path, orca_parquet, tiny
     assert resumed_steps == uninterrupted[10:]
 
 
-def test_epoch_restarts_after_exhaustion(orca_jsonl, tiny_tokenizer):
-    dataset = make_dataset(orca_jsonl, tiny_tokenizer, max_length=2048)
+def test_epoch_restarts_after_exhaustion(tmp_path, orca_jsonl, tiny_tokenizer):
+    path = tmp_path / "head.jsonl"
+    path.write_text("".join(orca_jsonl.read_text().splitlines(keepends=True)[:150]))
+    dataset = make_dataset(path, tiny_tokenizer, max_length=1024)
     first_epoch = list(dataset)
     second_epoch = list(dataset)
     assert dataset.epoch == 2
@@ -69,10 +71,10 @@ def _count_rows_on_rank(rank, world_size, init_file, path, tokenizer_dir, result
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        dataset = ChatDataset(SplitRows(path, "all"), tokenizer_dir, max_length=2048, buffer_size=64)
+        dataset = ChatDataset(SplitRows(path, "all"), tokenizer_dir, max_length=1024, buffer_size=32)
         dataset.set_shard(rank, world_size)
         synced = sum(1 for _ in dataset)
-        alone = ChatDataset(SplitRows(path, "all"), tokenizer_dir, max_length=2048, buffer_size=64,
+        alone = ChatDataset(SplitRows(path, "all"), tokenizer_dir, max_length=1024, buffer_size=32,
                             sync_ranks=False)
         alone.set_shard(rank, world_size)
         unsynced = sum(1 for _ in alone)
@@ -84,17 +86,19 @@ def _count_rows_on_rank(rank, world_size, init_file, path, tokenizer_dir, result
 
 def test_ranks_yield_equal_row_counts(tmp_path, orca_parquet, tiny_llama_dir):
     # Two shares of unequal token volume: rank 1 gets the long responses.
-    table = pq.read_table(orca_parquet)
+    table = pq.read_table(orca_parquet).slice(0, 240)
     order = sorted(range(table.num_rows), key=lambda i: len(table.column("response")[i].as_py()))
-    interleaved = [i for pair in zip(order[:450], order[450:]) for i in pair]
+    interleaved = [i for pair in zip(order[:120], order[120:]) for i in pair]
     path = tmp_path / "skewed.parquet"
     pq.write_table(table.take(interleaved), path)
 
     world_size = 2
-    torch.multiprocessing.spawn(
+    # fork: the children inherit the imported torch and transformers instead of importing them again.
+    torch.multiprocessing.start_processes(
         _count_rows_on_rank,
         args=(world_size, str(tmp_path / "init"), str(path), str(tiny_llama_dir), str(tmp_path)),
         nprocs=world_size,
+        start_method="fork",
     )
     counts = [tuple(map(int, (tmp_path / f"rank{r}.txt").read_text().split())) for r in range(world_size)]
     synced = [c[0] for c in counts]
