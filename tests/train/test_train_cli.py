@@ -49,7 +49,9 @@ def test_train_resume_logs_tensorboard(run_lmforge, repo_root, run_dir):
     assert model.config.num_hidden_layers == 2
 
     (run_name_dir,) = (run_dir / "runs").iterdir()
-    assert (run_name_dir / "config.yaml").read_text().startswith("##") or "trainer" in (run_name_dir / "config.yaml").read_text()
+    resolved = (run_name_dir / "config.yaml").read_text()
+    assert "lmforge.train.trainer:Trainer" in resolved
+    assert (checkpoints / "checkpoint-4" / "config.yaml").read_text() == resolved
     generations = [json.loads(line) for line in (run_name_dir / "eval_generations.jsonl").read_text().splitlines()]
     assert len(generations) == 2 * 12  # evals at steps 2 and 4, 12 prompts each
     assert {record["global_step"] for record in generations} == {2, 4}

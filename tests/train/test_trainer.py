@@ -28,7 +28,7 @@ class StepRecorder(TrainerCallback):
             trainer.request_control(self.command)
 
 
-def test_accumulation_matches_large_batch(tiny_llama_dir, tmp_path):
+def test_accumulation_matches_large_batch(tiny_llama_dir):
     from lmforge.train.backends.single import SingleDeviceBackend
     from transformers import AutoModelForCausalLM
 

@@ -13,7 +13,7 @@ from lmforge.train.trainer import Trainer
 class TokenRowDataset:
     """Pre-tokenized rows, iterated in order, with resumable position.
 
-    State: `state_dict()` holds `epoch` and `position` (rows already yielded in
+    State: `state_dict()` contains `epoch` and `position` (rows already yielded in
     this epoch); the rows and the shard come from the constructor and `set_shard`.
     """
 
@@ -67,13 +67,6 @@ def make_rows(count: int, seq_len: int = 32, vocab_size: int = 300, seed: int = 
 
 def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
     return {key: torch.tensor([example[key] for example in examples]) for key in ("input_ids", "labels", "position_ids")}
-
-
-def sgd_factory(lr: float = 0.05):
-    def build(named_parameters):
-        return torch.optim.SGD([parameter for _, parameter in named_parameters], lr=lr)
-
-    return build
 
 
 def adamw_factory(lr: float = 1e-3):
