@@ -34,13 +34,20 @@ def summed_loss(logits, labels):
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-@pytest.mark.parametrize("variant", ["position_ids", "all_ones_mask", "4d"])
+@pytest.mark.parametrize("variant", ["position_ids", "all_ones_mask", "4d", "padding_mask"])
 def test_packed_documents_match_alone(tiny_llama_dir, documents, attn_implementation, variant):
     model = load_model(tiny_llama_dir, attn_implementation)
     batch = PackedCollator(pad_token_id=0, max_length=40)([build_row(docs) for docs in documents])
     if variant == "all_ones_mask":
         batch["attention_mask"] = torch.ones_like(batch["input_ids"])
-    kwargs = model_inputs(batch, mask="4d" if variant == "4d" else "auto")
+    if variant == "padding_mask":
+        # Zeros on the pad tail switch model_inputs to the explicit 4D mask.
+        real_lengths = torch.tensor([[sum(len(d.input_ids) for d in docs)] for docs in documents])
+        batch["attention_mask"] = (torch.arange(40)[None, :] < real_lengths).long()
+    kwargs = model_inputs(batch, attn_implementation=attn_implementation, mask="4d" if variant == "4d" else "auto")
+    if variant == "4d":
+        expected_dtype = torch.bool if attn_implementation == "sdpa" else torch.float32
+        assert kwargs["attention_mask"].dtype == expected_dtype
     with torch.no_grad():
         packed_logits = model(**kwargs).logits
         packed_loss = summed_loss(packed_logits, batch["labels"])

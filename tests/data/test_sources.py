@@ -140,3 +140,28 @@ def test_jsonl_resume_seeks_without_replay(tmp_path, orca_jsonl):
     tail = [r["id"] for r in resumed]
     assert len(head) + len(tail) == 900
     assert dict(resumed.skipped) == {}
+
+
+def test_streamed_source_resumes_from_stream_state(orca_parquet):
+    """The Hub code path (datasets streaming, its state_dict, node split) on a local parquet builder."""
+    from lmforge.data.sources import HubSource
+
+    def streamed():
+        return SplitRows(HubSource("parquet", data_files=str(orca_parquet)), "train")
+
+    reference = [r["id"] for r in SplitRows(orca_parquet, "train")]
+    first = streamed()
+    iterator = iter(first)
+    head = [next(iterator)["id"] for _ in range(40)]
+    state = first.state_dict()
+    del iterator
+
+    resumed = streamed()
+    resumed.load_state_dict(state)
+    assert head + [r["id"] for r in resumed] == reference
+
+    # One file is one shard, so datasets gives each node every second row; SplitRows must not filter again.
+    all_ids = [r["id"] for r in SplitRows(orca_parquet, "all")]
+    node_rows = SplitRows(HubSource("parquet", data_files=str(orca_parquet)), "all")
+    node_rows.set_shard(1, 2)
+    assert [r["id"] for r in node_rows] == all_ids[1::2]

@@ -246,11 +246,14 @@ def cu_seqlens(position_ids):
 
 
 def block_causal_mask(position_ids, attention_mask=None, dtype=None):
-    """Return an additive [batch, 1, seq, seq] mask: 0 where a query may attend, the dtype's minimum elsewhere.
+    """Return the [batch, 1, seq, seq] block-diagonal causal mask of a packed batch.
 
     A query attends to keys of its own document at or before it. Keys with
     `attention_mask` 0 are masked, except that every query keeps its own
-    position so no softmax row is empty.
+    position so no softmax row is empty. With `dtype=torch.bool` the mask is
+    True where a query may attend (what SDPA takes); with a float dtype it is
+    additive: 0 where a query may attend and the dtype's minimum elsewhere (what
+    eager attention takes). The default is float32.
     """
     import torch
 
@@ -262,6 +265,8 @@ def block_causal_mask(position_ids, attention_mask=None, dtype=None):
     if attention_mask is not None:
         allowed &= attention_mask.bool()[:, None, :]
         allowed |= torch.eye(seq, dtype=torch.bool, device=position_ids.device)
+    if dtype == torch.bool:
+        return allowed[:, None, :, :]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None, :, :]
@@ -276,8 +281,10 @@ def model_inputs(batch: dict[str, Any], attn_implementation: str | None = None, 
       `attention_mask`, so transformers builds the per-document causal mask from
       the position ids (SDPA, eager, flex). If the batch's `attention_mask` has
       zeros, it falls back to the explicit 4D mask below.
-    - `mask="4d"` passes an additive block-diagonal causal mask of `dtype`
-      (the model's compute dtype, float32 by default), for SDPA and eager.
+    - `mask="4d"` passes the block-diagonal causal mask of `block_causal_mask`:
+      boolean for `attn_implementation="sdpa"` (so autocast dtypes need not
+      match), otherwise additive in `dtype` (float32 by default), which SDPA and
+      eager both accept.
     - `attn_implementation` naming flash attention flattens the batch to one row
       and passes `cu_seq_lens_q/k` and `max_length_q/k`; the logits then have
       shape [1, batch * seq, vocab], so compare them with `labels.reshape(1, -1)`.
@@ -316,6 +323,10 @@ def model_inputs(batch: dict[str, Any], attn_implementation: str | None = None, 
 
     has_padding = attention_mask is not None and not bool(attention_mask.bool().all())
     if mask == "4d" or has_padding:
+        if attn_implementation == "sdpa":
+            import torch
+
+            dtype = torch.bool
         return {
             "input_ids": input_ids,
             "position_ids": position_ids,

@@ -58,7 +58,8 @@ class SplitRows:
 
     Iterating yields row dicts with the keys `id`, `system_prompt`, `question`
     and `response`. `set_shard(rank, world_size)` keeps only the raw rows whose
-    index in the source is congruent to `rank` modulo `world_size`, so shares are
+    index in the source is congruent to `rank` modulo `world_size` (a streamed
+    `datasets` source splits by node itself instead), so shares are
     disjoint and differ in size by at most one raw row. Every rank still decodes
     the whole file but validates, renders and tokenizes only its own rows.
 
@@ -86,6 +87,8 @@ class SplitRows:
         self.split_seed = int(split_seed)
         self.rank = 0
         self.world_size = 1
+        self._filter_rank = 0
+        self._filter_world_size = 1
         self.skipped: Counter[str] = Counter()
         self.rows_read = 0
         self._position: Position | None = None
@@ -96,6 +99,11 @@ class SplitRows:
         if not 0 <= rank < world_size:
             raise LmforgeError(f"invalid shard rank {rank} for world_size {world_size}")
         self.rank, self.world_size = int(rank), int(world_size)
+        if hasattr(self.source, "set_node"):
+            self.source.set_node(self.rank, self.world_size)
+            self._filter_rank, self._filter_world_size = 0, 1
+        else:
+            self._filter_rank, self._filter_world_size = self.rank, self.world_size
 
     def _keeps(self, row: dict[str, Any]) -> bool:
         if self.split == "all":
@@ -111,7 +119,7 @@ class SplitRows:
         """
         index = self._next_index
         for row, after in self.source.iter_rows(self._position):
-            own = index % self.world_size == self.rank
+            own = index % self._filter_world_size == self._filter_rank
             index += 1
             self._position, self._next_index = after, index
             if not own:

@@ -230,16 +230,19 @@ class HubSource(RowSource):
     """Rows streamed from the Hugging Face Hub with `datasets.load_dataset(..., streaming=True)`.
 
     Nothing is downloaded up front. A position is the `datasets` IterableDataset
-    state, which records the shard and the row inside it.
-    NOTE: this path needs network access to the Hub; the test suite runs only the
-    local-file sources.
+    state, which records the shard and the row inside it. `name` may also be a
+    packaged builder such as "parquet" or "json" with `data_files`, which streams
+    local files through the same code.
+    NOTE: the test suite streams local files through the "parquet" builder; the
+    Hub download itself needs network access and is not run there.
     """
 
     def __init__(self, name: str = DEFAULT_HUB_DATASET, split: str = "train", revision: str | None = None,
-                 columns: Sequence[str] = OPEN_ORCA_COLUMNS):
+                 columns: Sequence[str] = OPEN_ORCA_COLUMNS, data_files: Any = None):
         self.name = name
         self.split = split
         self.revision = revision
+        self.data_files = data_files
         self.columns = list(columns)
         self.description = f"Hub dataset {name} (split {split}, streamed)"
         self._shard: tuple[int, int] = (0, 1)
@@ -252,7 +255,8 @@ class HubSource(RowSource):
         import datasets
 
         try:
-            stream = datasets.load_dataset(self.name, split=self.split, streaming=True, revision=self.revision)
+            stream = datasets.load_dataset(self.name, split=self.split, streaming=True, revision=self.revision,
+                                           data_files=self.data_files)
         except Exception as exc:  # network, authentication and missing-dataset errors
             raise LmforgeError(
                 f"cannot open Hub dataset {self.name!r} (split {self.split}): {exc}",
