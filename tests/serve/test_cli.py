@@ -39,9 +39,12 @@ def run_dir(tiny_llama_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cli_server(run_dir):
-    """`lmforge inf server -m RUN_DIR -c --port 0` in a subprocess; yields (url, startup log lines)."""
+    """`lmforge inf server -m RUN_DIR -c --port 0 --threads 1` in a subprocess.
+
+    Yields (url, log lines, process, log reader thread).
+    """
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "lmforge.cli.main", "inf", "server", "-m", str(run_dir), "-c", "--port", "0"]
+    command = [sys.executable, "-m", "lmforge.cli.main", "inf", "server", "-m", str(run_dir), "-c", "--port", "0", "--threads", "1"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     log_lines: list[str] = []
     url = None
@@ -76,7 +79,7 @@ def test_server_startup_log(cli_server):
     assert "checkpoint-10" in log
     assert "checkpoint-15" in log  # the warning about the incomplete checkpoint
     assert "Stop token IDs: [2, 0] (<|im_end|>, <|endoftext|>)" in log
-    assert "device cpu, dtype float32" in log
+    assert "device cpu, dtype float32, context length 1024, 1 CPU threads" in log
 
 
 def test_client_message_and_escaped_stop(cli_server, run_lmforge, tiny_model):

@@ -43,6 +43,7 @@ def server(
     ),
     model_name: Optional[str] = typer.Option(None, "--model-name", help="Model id in /v1/models (default: the directory name)."),
     chat_template: Optional[Path] = typer.Option(None, "--chat-template", help="Jinja chat template file replacing the tokenizer's."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice, usually the core count)."),
 ) -> None:
     """Serve a model directory or checkpoint at /v1/completions and /v1/chat/completions."""
     from lmforge.serve.app import create_app
@@ -61,6 +62,7 @@ def server(
         dtype=dtype,
         chat_template=chat_template,
         model_name=model_name,
+        threads=threads,
     )
     run_server(create_app(engine, api_key=api_key), host=host, port=port, api_key=api_key)
 

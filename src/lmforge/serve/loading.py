@@ -111,20 +111,29 @@ def build_engine(
     dtype: str = "auto",
     chat_template: str | Path | None = None,
     model_name: str | None = None,
+    threads: int | None = None,
 ):
     """Load the model to serve and return an unstarted `GenerationEngine`.
 
     Logs the loaded path, device, dtype, context length and the stop token ids.
     `chat_template` is a Jinja file that replaces the tokenizer's chat template.
     `model_name` is the id in /v1/models; it defaults to the model directory's
-    name, with `/checkpoint-STEP` appended when a checkpoint is served.
+    name, with `/checkpoint-STEP` appended when a checkpoint is served. `threads`
+    sets torch's intra-op CPU thread count (None keeps torch's default).
     """
-    from lmforge.models.model_dir import load_model_dir
-
     model_dir = Path(model_dir)
     path = resolve_model_path(model_dir, checkpoint, use_checkpoint)
+
+    import torch
+
+    from lmforge.models.model_dir import load_model_dir
+
     device = resolve_device(device)
     dtype_name = resolve_serving_dtype(dtype, device)
+    if threads is not None:
+        if threads < 1:
+            raise LmforgeError(f"invalid --threads {threads}", hint="use 1 or more CPU threads")
+        torch.set_num_threads(threads)
 
     logger.info("Loading model from %s on %s (%s)", path, device, dtype_name)
     model, tokenizer = load_model_dir(path, dtype=dtype_name, device=device)
@@ -141,13 +150,14 @@ def build_engine(
     stop_tokens = [tokenizer.convert_ids_to_tokens(token_id) for token_id in engine.stop_token_ids]
 
     logger.info(
-        "Model %s: %s, %.1fM parameters, device %s, dtype %s, context length %d",
+        "Model %s: %s, %.1fM parameters, device %s, dtype %s, context length %d, %d CPU threads",
         model_name,
         type(model).__name__,
         sum(parameter.numel() for parameter in model.parameters()) / 1e6,
         device,
         str(next(model.parameters()).dtype).removeprefix("torch."),
         engine.context_length,
+        torch.get_num_threads(),
     )
     logger.info("Stop token IDs: %s (%s)", engine.stop_token_ids, ", ".join(stop_tokens))
     if not getattr(tokenizer, "chat_template", None):
