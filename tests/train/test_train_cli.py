@@ -198,3 +198,56 @@ def test_check_run_dir_not_writable(run_dir, tmp_path, check_cli):
     status, err = check_cli(blocker / "run", "--model", run_dir)
     assert status == 2
     assert "is not writable" in err
+
+
+def _wait_for_first_step(run_dir: Path, process, timeout: float = 240) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert process.poll() is None, "training exited before its first step"
+        logs = list((run_dir / "runs").glob("*/trainer_logs.json")) if (run_dir / "runs").exists() else []
+        if logs and any("loss" in record for record in read_json_log(logs[0])):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no step logged in {run_dir} within {timeout} s")
+
+
+def test_sigint_saves_then_second_aborts(repo_root, tiny_llama_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    processes = {}
+    for name in ("once", "twice"):
+        run_dir = tmp_path / name
+        shutil.copytree(tiny_llama_dir, run_dir)
+        command = [sys.executable, "-m", "lmforge.cli.main", "-p", str(repo_root / "configs" / "open_orca"),
+                   "-t", "tiny/cpu_test.yaml", "train", "-M", str(run_dir), "--max-steps", "100000",
+                   "--decay-start-step", "-1", "--save-steps", "100000"]
+        processes[name] = (run_dir, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+    for run_dir, process in processes.values():
+        _wait_for_first_step(run_dir, process)
+
+    processes["once"][1].send_signal(signal.SIGINT)
+    processes["twice"][1].send_signal(signal.SIGINT)
+    # Far shorter than a step, and long enough that the two signals are not merged into one.
+    time.sleep(0.1)
+    processes["twice"][1].send_signal(signal.SIGINT)
+    outputs = {name: process.communicate(timeout=240)[0] for name, (_, process) in processes.items()}
+
+    once_dir, once = processes["once"]
+    assert once.returncode == 0, outputs["once"][-3000:]
+    (log_path,) = (once_dir / "runs").glob("*/trainer_logs.json")
+    end = json.loads(log_path.read_text())[-1]
+    assert end["reason"] == "save-stop"
+    assert (once_dir / "checkpoints" / f"checkpoint-{end['global_step']}" / "COMPLETE").is_file()
+
+    twice_dir, _ = processes["twice"]
+    (log_path,) = (twice_dir / "runs").glob("*/trainer_logs.json")
+    records = read_json_log(log_path)
+    assert records[-1]["event"] == "end", outputs["twice"][-3000:]
+    assert records[-1]["reason"] == "abort"
+    assert not list((twice_dir / "checkpoints").glob("checkpoint-*"))

@@ -221,16 +221,44 @@ def format_command(command: Sequence[str], env: Mapping[str, str], request: Laun
     return prefix + shlex.join(command)
 
 
+def _child_pids(pid: int) -> list[int]:
+    """Return the child processes of `pid` (Linux /proc; empty elsewhere)."""
+    children = []
+    for children_file in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            children += [int(child) for child in children_file.read_text().split()]
+        except OSError:
+            continue
+    return children
+
+
 def launch(command: list[str], env: dict[str, str]) -> int:
-    """Run torchrun in its own session, forward SIGINT/SIGTERM/SIGHUP to it, and return its exit status."""
+    """Run torchrun in its own session, forward SIGINT/SIGTERM/SIGHUP, and return its exit status.
+
+    Signals go straight to the workers (torchrun's children): the first makes them save
+    and stop at the next step boundary, the second makes them abort. torchrun then sees
+    its workers exit on their own and exits with their status. Sending the signal to
+    torchrun instead would make it report a failure and stop waiting at the second one.
+    Before the workers exist (or without Linux /proc), the signal goes to torchrun.
+    """
     process = subprocess.Popen(command, env=env, start_new_session=True)
+    received = []
 
     def forward(signum, frame):
-        logger.warning("Forwarding %s to the training processes", signal.Signals(signum).name)
-        try:
-            process.send_signal(signum)
-        except ProcessLookupError:
-            pass
+        received.append(signum)
+        name = signal.Signals(signum).name
+        if len(received) == 1:
+            logger.warning("%s received: the training processes save a checkpoint and stop at the next step boundary "
+                           "(send it again to abort)", name)
+        else:
+            logger.warning("%s received again: aborting the training processes without saving", name)
+        # The workers handle SIGINT and SIGTERM only, so a hang-up counts as SIGTERM.
+        sent = signal.SIGTERM if signum == signal.SIGHUP else signum
+        for pid in _child_pids(process.pid) or [process.pid]:
+            try:
+                os.kill(pid, sent)
+            except ProcessLookupError:
+                logger.debug("Process %d exited before %s reached it", pid, name)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:

@@ -192,6 +192,10 @@ class Trainer:
         start_tokens = self.tokens
         try:
             self._train_loop()
+        except KeyboardInterrupt:
+            # A second SIGINT/SIGTERM in the worker: stop at once, without a checkpoint.
+            self._stop_reason = "abort"
+            raise
         finally:
             end_record = self._finish(started, start_tokens)
         return end_record
