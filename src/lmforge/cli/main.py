@@ -37,6 +37,7 @@ COMMAND_MODULES = [
     "lmforge.cli.logs_cmds",
     "lmforge.cli.inf_cmds",
     "lmforge.cli.checkpoint_cmds",
+    "lmforge.cli.quickstart_cmd",
 ]
 
 
