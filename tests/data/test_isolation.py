@@ -20,12 +20,19 @@ def documents():
     return rows
 
 
+_MODELS: dict = {}
+
+
 def load_model(tiny_llama_dir, attn_implementation):
+    """Load the tiny Llama once per attention implementation."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32,
-                                                 attn_implementation=attn_implementation)
-    return model.eval()
+    key = (str(tiny_llama_dir), attn_implementation)
+    if key not in _MODELS:
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32,
+                                                     attn_implementation=attn_implementation)
+        _MODELS[key] = model.eval()
+    return _MODELS[key]
 
 
 def summed_loss(logits, labels):

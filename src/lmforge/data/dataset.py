@@ -56,7 +56,7 @@ class ChatDataset(IterableDataset):
     first `max_length` tokens, `split` cuts them into `max_length` pieces (each
     its own document), `drop` skips them; every case is counted in `stats`.
 
-    Checkpoint behaviour: `state_dict()` holds the row reader's state (source
+    Checkpoint behaviour: `state_dict()` contains the row reader's state (source
     position, shard, skip counts), the packer's buffer (tokenized documents not
     yet packed), the rows packed but not yet yielded, the epoch and `stats`.
     Tokenizer, max_length and every other setting come from the constructor on
@@ -123,7 +123,8 @@ class ChatDataset(IterableDataset):
                 world_size, dist.get_world_size(),
             )
             return
-        self._sync_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        # A group of its own keeps these row checks apart from the training collectives (and off NCCL).
+        self._sync_group = dist.new_group(backend="gloo")
         self._sync = True
 
     def _all_ranks_have_row(self, has_row: bool) -> bool:

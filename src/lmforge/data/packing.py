@@ -143,9 +143,9 @@ class PackedCollator:
     """Stack packed rows into the trainer's batch format.
 
     Rows are padded at the end to `max_length` (or, with `pad_to="longest"`, to the
-    longest row of the batch). The pad tail is a segment of its own: its
-    position_ids restart at 0 and its labels are -100, so it neither sees nor is
-    seen by a document. The batch holds `input_ids`, `labels`, `position_ids` and
+    longest row of the batch). The pad tail is a segment of its own. Its
+    position_ids restart at 0 and its labels are -100, so no document attends to
+    it and it attends to no document. The batch contains `input_ids`, `labels`, `position_ids` and
     `seq_lens` ([batch, max segments], zero-filled), and no `attention_mask`.
     Stateless.
     """

@@ -63,7 +63,7 @@ class SplitRows:
     disjoint and differ in size by at most one raw row. Every rank still decodes
     the whole file but validates, renders and tokenizes only its own rows.
 
-    Checkpoint behaviour: `state_dict()` holds the source position after the
+    Checkpoint behaviour: `state_dict()` contains the source position after the
     last row handed out (file, row group and row, or a byte offset, or the Hub
     stream state), the raw row index, the share and the skip counts. The source,
     split and fraction come from the constructor on load.
