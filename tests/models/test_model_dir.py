@@ -83,3 +83,10 @@ def test_load_unsupported_architecture(tiny_llama_dir, tmp_path):
     (model_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(LmforgeError, match="model_type 'vit'"):
         load_model_dir(model_dir)
+
+
+def test_load_dir_with_only_gguf(tmp_path):
+    (tmp_path / "model.Q4_0.gguf").write_bytes(b"GGUF")
+    with pytest.raises(LmforgeError, match="contains model.Q4_0.gguf") as excinfo:
+        load_model_dir(tmp_path)
+    assert "lmforge convert" in excinfo.value.hint

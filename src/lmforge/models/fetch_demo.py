@@ -54,7 +54,7 @@ def pip_download(requirement: str, dest: Path, find_links: Path | None = None) -
         command += ["--no-index", "--find-links", str(find_links)]
     command.append(requirement)
     logger.info("downloading %s: %s", requirement, " ".join(command[1:]))
-    completed = subprocess.run(command, stdout=sys.stderr, stderr=sys.stderr, check=False)
+    completed = subprocess.run(command, stdout=_stderr_fileno(), stderr=_stderr_fileno(), check=False)
     if completed.returncode != 0:
         raise LmforgeError(
             f"pip download of {requirement!r} failed with exit status {completed.returncode}",
@@ -64,6 +64,14 @@ def pip_download(requirement: str, dest: Path, find_links: Path | None = None) -
     if not wheels:
         raise LmforgeError(f"pip download of {requirement!r} produced no wheel in {dest}")
     return wheels[-1]
+
+
+def _stderr_fileno() -> int | None:
+    """Return the file descriptor of sys.stderr, or None (inherit) when it has none, as under pytest capture."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        return None
 
 
 def _record_sha256(archive: zipfile.ZipFile, member: str) -> str | None:

@@ -118,6 +118,12 @@ def check_model_dir(path: str | Path, need_tokenizer: bool = True) -> Path:
             )
         raise LmforgeError(f"not a model directory: {path} is a file", hint="pass the directory that contains config.json")
 
+    gguf_files = sorted(path.glob("*.gguf"))
+    if gguf_files and not (path / "config.json").is_file():
+        raise LmforgeError(
+            f"not a model directory: {path} has no config.json but contains {gguf_files[0].name}",
+            hint=f"pass the GGUF file itself: lmforge convert {gguf_files[0]} DST",
+        )
     config = read_model_config(path)
     check_architecture(config, path)
     if not any((path / name).is_file() for name in WEIGHT_FILES):
