@@ -98,3 +98,15 @@ def test_unpacked_batch_keeps_attention_mask():
     kwargs = model_inputs(batch)
     assert kwargs["attention_mask"] is batch["attention_mask"]
     assert kwargs["use_cache"] is False
+
+
+def test_flash_inputs_flatten_with_cu_seqlens(documents):
+    batch = PackedCollator(pad_token_id=0, max_length=40)([build_row(docs) for docs in documents])
+    kwargs = model_inputs(batch, attn_implementation="flash_attention_2")
+    assert kwargs["input_ids"].shape == (1, 80)
+    assert torch.equal(kwargs["input_ids"][0], batch["input_ids"].reshape(-1))
+    # Row 0: documents of 17 and 9 tokens, then 14 pad; row 1: 31 and 5, then 4 pad.
+    assert kwargs["cu_seq_lens_q"].tolist() == [0, 17, 26, 40, 71, 76, 80]
+    assert kwargs["cu_seq_lens_q"].dtype == torch.int32
+    assert kwargs["max_length_q"] == 31
+    assert "attention_mask" not in kwargs
