@@ -27,13 +27,14 @@ TRAIN_FLAGS = ("--max-steps", "100000", "--decay-start-step", "-1", "--save-step
 class TrainRun:
     """One `lmforge train` process, its output file and its registry entry."""
 
-    def __init__(self, repo_root: Path, run_dir: Path, wait_for):
+    def __init__(self, repo_root: Path, run_dir: Path, wait_for, sets: tuple[str, ...] = ()):
         self.run_dir = run_dir
         self.output_path = run_dir.parent / f"{run_dir.name}.out"
         self.wait_for = wait_for
         command = [
             sys.executable, "-m", "lmforge.cli.main",
             "-p", str(repo_root / "configs" / "open_orca"), "-t", "tiny/cpu_test.yaml",
+            *(argument for value in sets for argument in ("--set", value)),
             "train", "-M", str(run_dir), *TRAIN_FLAGS,
         ]
         self.output = open(self.output_path, "w")
@@ -80,11 +81,11 @@ class TrainRun:
 def start_train(repo_root, tiny_llama_dir, tmp_path, control_dir, wait_for):
     runs = []
 
-    def start(name: str) -> TrainRun:
+    def start(name: str, *sets: str) -> TrainRun:
         run_dir = tmp_path / name
         if not run_dir.exists():
             shutil.copytree(tiny_llama_dir, run_dir)
-        run = TrainRun(repo_root, run_dir, wait_for)
+        run = TrainRun(repo_root, run_dir, wait_for, sets)
         runs.append(run)
         return run
 
@@ -179,3 +180,28 @@ def test_train_steered_by_requests_and_signals(start_train, run_lmforge, control
     # min_lr_ratio is 0.1, reached 2 annealing steps after the request, and kept after the resume.
     assert lrs[stop_step] == pytest.approx(0.1 * peak)
     assert lrs[stop_step + 1] == pytest.approx(0.1 * peak)
+
+
+def test_requests_apply_on_every_rank(start_train):
+    """Two pipeline ranks (1F1B, one decoder layer each) apply both requests at the acknowledged step.
+
+    DDP goes through the same broadcast in the trainer; the pipeline is the case
+    where each rank saves its own scheduler state, so rank 1's can be checked.
+    """
+    import torch
+
+    run = start_train("pipeline", "ns.backend=pipeline", "ns.world_size=2", "ns.pipeline_schedule=1F1B")
+    job = run.job()
+    anneal_step = send_request(job, "start-annealing", timeout=60)["step"]
+    stop_step = send_request(job, "save-stop", timeout=60)["step"]
+    assert run.wait() == 0
+
+    end = run.log_records()[-1]
+    assert end["reason"] == "save-stop"
+    assert end["global_step"] == stop_step
+    assert run.checkpoint_steps() == [stop_step]
+    checkpoint = run.run_dir / "checkpoints" / f"checkpoint-{stop_step}"
+    for rank in (0, 1):
+        state = torch.load(checkpoint / f"scheduler_rank{rank}.pt", weights_only=False)
+        assert state["triggered_decay_start_step"] == anneal_step, rank
+        assert state["last_epoch"] == stop_step, rank
