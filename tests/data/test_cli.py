@@ -96,3 +96,12 @@ def test_training_config_train_dataset(run_in_process, repo_root, orca_jsonl, ti
     assert proc.returncode == 0, proc.stderr
     assert "=== packed row 0:" in proc.stdout
     assert "of 256 (" in proc.stdout
+
+
+def test_tokenized_target_without_tokenizer(run_in_process, repo_root):
+    sample = repo_root / "configs/datasets/open_orca/data/sample.jsonl"
+    proc = run_in_process(*DATASET_PROJECT, "dataset", "--source", sample, "--target", "train_dataset",
+                          cwd=repo_root)
+    assert proc.returncode == 2
+    assert "error: target 'train_dataset' tokenizes rows, so it needs a tokenizer" in proc.stderr
+    assert "hint: pass -T MODEL_DIR" in proc.stderr

@@ -47,7 +47,16 @@ def build_target(template, project, sets: list[str], target: str, tokenizer: str
     if max_length is not None:
         variables["max_length"] = max_length
     logger.debug("constructing %s of %s with variables %s", target, config.name, variables)
-    return config.construct(target, **variables)
+    try:
+        return config.construct(target, **variables)
+    except LmforgeError as exc:
+        needs_tokenizer = "'tokenizer' is not set" in exc.message or "'model_dir' is not set" in exc.message
+        if tokenizer is None and needs_tokenizer:
+            raise LmforgeError(
+                f"target {target!r} tokenizes rows, so it needs a tokenizer",
+                hint="pass -T MODEL_DIR (a model directory or a .gguf file)",
+            ) from exc
+        raise
 
 
 def run_dataset_command(*, template, project, sets: list[str], target: str, tokenizer: str | None,
