@@ -312,3 +312,19 @@ def test_convert_copy_keeps_source_intact(tiny_chat_dir, tmp_path):
     with pytest.raises(LmforgeError, match="inside destination"):
         convert_model(copy, copy, ConvertOptions(force=True))
     assert (copy / "model.safetensors").exists()
+
+
+def test_convert_from_pytorch_bin(tiny_base_dir, tmp_path):
+    source = tmp_path / "bin_source"
+    shutil.copytree(tiny_base_dir, source)
+    base_model, _ = load_fp32(tiny_base_dir)
+    (source / "model.safetensors").unlink()
+    torch.save(base_model.state_dict(), source / "pytorch_model.bin")
+
+    dst = tmp_path / "converted"
+    report = convert_model(source, dst, ConvertOptions(add_tokens="chatml"))
+    assert report.check["max_abs_logit_diff"] <= 1e-4
+    assert (dst / "model.safetensors").exists()
+    assert not (dst / "pytorch_model.bin").exists()
+    converted, _ = load_fp32(dst)
+    assert torch.equal(converted.get_input_embeddings().weight[:384], base_model.get_input_embeddings().weight)
