@@ -3,34 +3,15 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from .launch import torchrun_command
+
 DRIVER = Path(__file__).with_name("driver.py")
-
-
-def free_port() -> int:
-    """Return a loopback TCP port that is free right now (the OS picks it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def torchrun_command(nproc: int, script: str | Path, *args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc-per-node={nproc}",
-        "--master-addr=127.0.0.1",
-        f"--master-port={free_port()}",
-        str(script),
-        *map(str, args),
-    ]
 
 
 @pytest.fixture(scope="session")

@@ -61,8 +61,7 @@ def main() -> None:
     parser.add_argument("--optimizer", default="adamw")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-grad-norm", type=float, default=None)
-    parser.add_argument("--short-rank", type=int, default=None, help="this rank's share stops after --short-steps steps")
-    parser.add_argument("--short-steps", type=int, default=2)
+    parser.add_argument("--eval-rows", type=int, default=0, help="after training, evaluate the first N rows")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -113,9 +112,6 @@ def main() -> None:
     while step < args.steps:
         step_rows = rows[step * args.global_batch : (step + 1) * args.global_batch]
         mine = [row for index, row in enumerate(step_rows) if index % data_world == data_rank]
-        has_batch = not (args.short_rank == rank and step >= args.short_steps)
-        if backend is not None and not backend.all_ranks_have_batch(has_batch):
-            break
         batch = collate(mine)
         local_tokens = int((batch["labels"] != -100).sum())
         optimizer.zero_grad(set_to_none=True)
@@ -134,8 +130,18 @@ def main() -> None:
         grad_norms.append(grad_norm)
         step += 1
 
-    out = Path(args.out)
     report = {"rank": rank, "world_size": world_size, "steps": step, "losses": losses, "grad_norms": grad_norms}
+    if args.eval_rows:
+        eval_rows = [row for index, row in enumerate(rows[: args.eval_rows]) if index % data_world == data_rank]
+        if backend is None:
+            loss_sum, count = backend_single.eval_loss(collate(eval_rows))
+        else:
+            totals = torch.tensor(backend.eval_loss(collate(eval_rows)), dtype=torch.float64)
+            dist.all_reduce(totals)
+            loss_sum, count = float(totals[0]), int(totals[1])
+        report["eval_loss_sum"], report["eval_tokens"] = loss_sum, count
+
+    out = Path(args.out)
     (out.parent / f"{out.stem}.rank{rank}.json").write_text(json.dumps(report))
 
     state = model.state_dict() if backend is None else backend.model_state_dict()

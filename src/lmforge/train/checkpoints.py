@@ -138,6 +138,12 @@ def load_model_weights(model: torch.nn.Module, checkpoint: Path) -> None:
         shard_names = ["model.safetensors"]
 
     state: dict[str, torch.Tensor] = {}
+    if not (checkpoint / shard_names[0]).is_file() and any(checkpoint.glob("model_rank*.safetensors")):
+        # A pipeline checkpoint saved without the merged model: merge its per-rank stage files.
+        from lmforge.train.pipeline_checkpoint import merge_rank_weights
+
+        state = merge_rank_weights(checkpoint)
+        shard_names = []
     for name in shard_names:
         state.update(load_file(str(checkpoint / name)))
 

@@ -107,18 +107,3 @@ class DDPBackend(Backend):
             # The unwrapped module: a forward through DDP would wait for a matching backward.
             loss_sum, num_tokens = self._ddp.module(self._to_device(batch))
         return float(loss_sum), int(num_tokens)
-
-    def all_ranks_have_batch(self, has_batch: bool) -> bool:
-        """Return True only if every rank has a batch for the next step (collective).
-
-        A rank whose data share ends first would otherwise leave the others
-        waiting in the gradient all-reduce forever; with this vote every rank
-        stops at the same step.
-        """
-        return _all_ranks_agree(has_batch, self.device)
-
-
-def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
-    value = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())

@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 SCHEDULES = ("ZBVZeroBubble", "1F1B", "Interleaved1F1B", "GPipe")
 IGNORE_INDEX = -100
+PAD_VALUES = {"labels": IGNORE_INDEX}
 
 
 def _schedule_class(name: str):
@@ -190,6 +191,8 @@ class PipelineBackend(Backend):
         # No rank holds the whole model: generation and `hf_model` users must check for None.
         self.hf_model = None
         self._log_placement(layers_per_stage(len(model.model.layers), self.num_stages))
+        if self.rank == 0:
+            logger.info("Text generation during eval is off under the pipeline backend: no rank holds the whole model")
 
         pipeline_stages = [
             PipelineStage(stage, stage.stage_index, self.num_stages, self.device) for stage in self.stages
@@ -288,6 +291,9 @@ class PipelineBackend(Backend):
 
         directory = Path(directory)
         own = {key: value.detach().cpu().contiguous() for key, value in self.model_state_dict().items()}
+        if self._tied and "model.embed_tokens.weight" in own:
+            # The tied output projection is the same tensor here; safetensors rejects shared storage.
+            own.pop("lm_head.weight", None)
         metadata = {
             "format": "pt",
             "stages": ",".join(str(index) for index in self.local_stage_indices),
@@ -346,24 +352,32 @@ class PipelineBackend(Backend):
                 tensor = padded
             return tensor.to(self.device)
 
-        labels = pad(batch["labels"], IGNORE_INDEX)
-        if "position_ids" in batch:
-            position_ids = pad(batch["position_ids"], 0)
-        else:
-            position_ids = torch.arange(target_columns).expand(target_rows, -1).contiguous().to(self.device)
-        kwargs = {"position_ids": position_ids, "labels": labels}
-        if batch.get("attention_mask") is not None:
-            kwargs["attention_mask"] = pad(batch["attention_mask"], 0)
-        args = (pad(batch["input_ids"], 0),) if 0 in self.local_stage_indices else ()
+        padded = {}
+        for key in ("input_ids", "labels", "position_ids", "attention_mask"):
+            if batch.get(key) is not None:
+                padded[key] = pad(batch[key], PAD_VALUES.get(key, 0))
+        if "position_ids" not in padded:
+            padded["position_ids"] = torch.arange(target_columns).expand(target_rows, -1).contiguous().to(self.device)
+        # The same document masking as the unsplit model: position_ids alone, or a 4D
+        # block-causal mask when the batch also has padding.
+        from lmforge.data.packing import model_inputs
+
+        # NOTE: flash-attention inputs (a flattened batch with cu_seqlens) are not supported
+        # here: stages always get [batch, seq] tensors and build an SDPA/eager mask.
+        inputs = model_inputs(padded)
+        labels = padded["labels"]
+        kwargs = {"position_ids": inputs["position_ids"], "labels": labels}
+        if inputs.get("attention_mask") is not None:
+            kwargs["attention_mask"] = inputs["attention_mask"]
+        args = (inputs["input_ids"],) if 0 in self.local_stage_indices else ()
         return args, kwargs, labels
 
-    def _run_schedule(self, batch: dict[str, torch.Tensor], train: bool) -> torch.Tensor:
+    def _run_schedule(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Run one batch through the schedule; return its summed loss (zero off the last stage)."""
-        args, kwargs, target = self._stage_inputs(batch, train)
+        args, kwargs, target = self._stage_inputs(batch, train=True)
         losses: list[torch.Tensor] = []
-        run = self._schedule.step if train else self._schedule.eval
         with self.autocast():
-            run(*args, target=target, losses=losses, return_outputs=False, **kwargs)
+            self._schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
         if self.holds_last_stage:
             return torch.stack([loss.detach().float() for loss in losses]).sum()
         return torch.zeros((), dtype=torch.float32, device=self.device)
@@ -374,7 +388,7 @@ class PipelineBackend(Backend):
         self._num_trained_tokens = max(int(num_trained_tokens), 1)
         step_loss = torch.zeros((), dtype=torch.float32, device=self.device)
         for batch in micro_batches:
-            step_loss += self._run_schedule(batch, train=True)
+            step_loss += self._run_schedule(batch)
         self._sum_tied_gradients()
         return step_loss
 
@@ -382,11 +396,49 @@ class PipelineBackend(Backend):
     def eval_loss(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
         for stage in self.stages:
             stage.eval()
-        self._num_trained_tokens = 1
-        loss_sum = float(self._run_schedule(batch, train=False))
+        loss_sum = self._forward_only(batch)
         if not self.holds_last_stage:
             return 0.0, 0
-        return loss_sum, int((batch["labels"] != IGNORE_INDEX).sum())
+        return float(loss_sum), int((batch["labels"] != IGNORE_INDEX).sum())
+
+    def _forward_only(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Return the summed token loss of `batch` (zero off the last stage), running stages in order.
+
+        `ScheduleZBVZeroBubble.eval()` fails in torch 2.13 because its action list
+        still contains backward steps, so evaluation does not use the schedule:
+        every rank walks the stages in order for each micro-batch, runs the ones it
+        holds, and sends the hidden states (as fp32) to the rank of the next stage
+        with blocking send/recv. Eval runs without pipelining overlap.
+        """
+        args, kwargs, _ = self._stage_inputs(batch, train=False)
+        rows, columns = kwargs["labels"].shape
+        micro_rows = rows // self.n_microbatches
+        local_stages = {stage.stage_index: stage for stage in self.stages}
+        hidden_size = self.model_config.hidden_size
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        with self.autocast():
+            for micro_batch in range(self.n_microbatches):
+                rows_slice = slice(micro_batch * micro_rows, (micro_batch + 1) * micro_rows)
+                micro_kwargs = {key: value[rows_slice] for key, value in kwargs.items()}
+                hidden = None
+                for index in range(self.num_stages):
+                    if self.stage_map[index] != self.rank:
+                        continue
+                    if index == 0:
+                        stage_input = args[0][rows_slice]
+                    elif self.stage_map[index - 1] != self.rank:
+                        stage_input = torch.empty(micro_rows, columns, hidden_size, dtype=torch.float32, device=self.device)
+                        dist.recv(stage_input, src=self.stage_map[index - 1])
+                    else:
+                        stage_input = hidden
+                    output = local_stages[index](stage_input, **micro_kwargs)
+                    if index == self.num_stages - 1:
+                        total += output.float()
+                    elif self.stage_map[index + 1] != self.rank:
+                        dist.send(output.float().contiguous(), dst=self.stage_map[index + 1])
+                    else:
+                        hidden = output
+        return total
 
     def _sum_tied_gradients(self) -> None:
         if not self._holds_tied_copy:
@@ -416,9 +468,3 @@ class PipelineBackend(Backend):
             for grad in grads:
                 grad.mul_(scale)
         return norm
-
-    def all_ranks_have_batch(self, has_batch: bool) -> bool:
-        """Return True only if every rank has a batch for the next step (collective)."""
-        flag = torch.tensor([1 if has_batch else 0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
