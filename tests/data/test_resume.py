@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lmforge.data import ChatDataset, SplitRows
+from lmforge.data.packing import IGNORE_INDEX
 
 BATCH_ROWS = 2
 
@@ -71,15 +72,14 @@ def _count_rows_on_rank(rank, world_size, init_file, path, tokenizer_dir, result
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        dataset = ChatDataset(SplitRows(path, "all"), tokenizer_dir, max_length=1024, buffer_size=32)
-        dataset.set_shard(rank, world_size)
-        synced = sum(1 for _ in dataset)
-        alone = ChatDataset(SplitRows(path, "all"), tokenizer_dir, max_length=1024, buffer_size=32,
-                            sync_ranks=False)
-        alone.set_shard(rank, world_size)
-        unsynced = sum(1 for _ in alone)
+        counts = []
+        for options in ({"epoch_end": "min"}, {"epoch_end": "pad"}, {"sync_ranks": False}):
+            dataset = ChatDataset(SplitRows(path, "all"), tokenizer_dir, max_length=1024, buffer_size=32, **options)
+            dataset.set_shard(rank, world_size)
+            rows = list(dataset)
+            counts += [len(rows), sum(1 for row in rows if row["labels"] == [IGNORE_INDEX])]
         with open(os.path.join(results_dir, f"rank{rank}.txt"), "w") as handle:
-            handle.write(f"{synced} {unsynced}")
+            handle.write(" ".join(map(str, counts)))
     finally:
         dist.destroy_process_group()
 
@@ -100,8 +100,12 @@ def test_ranks_yield_equal_row_counts(tmp_path, orca_parquet, tiny_llama_dir):
         nprocs=world_size,
         start_method="fork",
     )
-    counts = [tuple(map(int, (tmp_path / f"rank{r}.txt").read_text().split())) for r in range(world_size)]
-    synced = [c[0] for c in counts]
-    unsynced = [c[1] for c in counts]
+    counts = [list(map(int, (tmp_path / f"rank{r}.txt").read_text().split())) for r in range(world_size)]
+    stop_at_min = [c[0] for c in counts]
+    padded = [c[2] for c in counts]
+    filler = [c[3] for c in counts]
+    unsynced = [c[4] for c in counts]
     assert unsynced[0] != unsynced[1], "the test data should give the ranks unequal shares"
-    assert synced == [min(unsynced)] * world_size
+    assert stop_at_min == [min(unsynced)] * world_size
+    assert padded == [max(unsynced)] * world_size
+    assert filler == [max(unsynced) - n for n in unsynced]

@@ -6,12 +6,16 @@ makes the number of rows per share data-dependent, so equal row shares do not gi
 equal batch counts.
 
 Mechanism: when `torch.distributed` is initialized and the data world size is
-larger than 1, every rank takes part in one MIN all-reduce (on a gloo group) before
-it yields each row, telling the others whether it still has a row. The epoch ends
-on every rank at the first row that some rank does not have, so all ranks yield
-the same number of rows (the minimum over ranks) and the longer shares drop their
-last few rows. This needs every rank to draw the same number of rows per step,
-which DDP with equal per-device batch sizes does.
+larger than 1, every rank takes part in one all-reduce (on a gloo group of its
+own) before it yields each row, which tells every rank how many ranks still have a
+row. `epoch_end` picks the rule, and both give every rank the same number of rows:
+- "min" (default for training rows): the epoch ends on every rank at the first
+  row that some rank does not have, so the longer shares drop their last rows;
+- "pad" (default for validation rows): ranks that have run out yield filler rows
+  (one pad token, label -100, nothing trained) until every rank has run out, so
+  no row is dropped and an evaluation sees the whole split.
+This needs every rank to draw the same number of rows per step, which DDP with
+equal per-device batch sizes does.
 
 Usage: build `ChatDataset(SplitRows(source), tokenizer, max_length=2048)`, let the
 trainer call `set_shard(rank, world_size)`, iterate, and collate with
@@ -25,7 +29,7 @@ from collections import Counter, deque
 from typing import Any, Iterator
 
 from lmforge.data.chat import ChatTokenizer, Document, load_tokenizer
-from lmforge.data.packing import PackedCollator, PaddedCollator, best_fit_decreasing, build_row
+from lmforge.data.packing import IGNORE_INDEX, PackedCollator, PaddedCollator, best_fit_decreasing, build_row
 from lmforge.data.rows import SplitRows
 from lmforge.errors import LmforgeError
 
@@ -37,6 +41,7 @@ except ImportError:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 OVERFLOW_POLICIES = ("truncate", "split", "drop")
+EPOCH_END_RULES = ("min", "pad")
 # Rows rendered and tokenized per tokenizer call.
 ENCODE_BATCH_ROWS = 64
 
@@ -56,6 +61,10 @@ class ChatDataset(IterableDataset):
     first `max_length` tokens, `split` cuts them into `max_length` pieces (each
     its own document), `drop` skips them; every case is counted in `stats`.
 
+    Under torch.distributed, `epoch_end` ("min" or "pad", see the module
+    docstring) makes every rank yield the same number of rows. None means "pad"
+    for the validation split and "min" otherwise.
+
     Checkpoint behaviour: `state_dict()` contains the row reader's state (source
     position, shard, skip counts), the packer's buffer (tokenized documents not
     yet packed), the rows packed but not yet yielded, the epoch and `stats`.
@@ -66,10 +75,13 @@ class ChatDataset(IterableDataset):
     def __init__(self, rows: SplitRows | str, tokenizer: Any, *, max_length: int = 2048, packing: bool = True,
                  buffer_size: int = 1024, carry_over_below: float = 0.98, overflow: str = "split",
                  chat_template: str | None = None, add_bos: bool = True, add_eos: bool = True,
-                 train_on: str = "all", pad_to: str | None = None, sync_ranks: bool = True):
+                 train_on: str = "all", pad_to: str | None = None, sync_ranks: bool = True,
+                 epoch_end: str | None = None):
         super().__init__()
         if overflow not in OVERFLOW_POLICIES:
             raise LmforgeError(f"invalid overflow {overflow!r}", hint=f"use one of: {', '.join(OVERFLOW_POLICIES)}")
+        if epoch_end is not None and epoch_end not in EPOCH_END_RULES:
+            raise LmforgeError(f"invalid epoch_end {epoch_end!r}", hint=f"use one of: {', '.join(EPOCH_END_RULES)}")
         if int(max_length) < 2:
             raise LmforgeError(f"invalid max_length {max_length}", hint="use at least 2 tokens, e.g. 2048")
         if int(buffer_size) < 1:
@@ -86,6 +98,9 @@ class ChatDataset(IterableDataset):
         self.overflow = overflow
         self.pad_to = pad_to or ("max_length" if packing else "longest")
         self.sync_ranks = sync_ranks
+        if epoch_end is None:
+            epoch_end = "pad" if self.rows.split == "validation" else "min"
+        self.epoch_end = epoch_end
         self.epoch = 0
         self.stats: Counter[str] = Counter()
         self._buffer: list[tuple[Document, bool]] = []  # (document, already carried over once)
@@ -127,13 +142,23 @@ class ChatDataset(IterableDataset):
         self._sync_group = dist.new_group(backend="gloo")
         self._sync = True
 
-    def _all_ranks_have_row(self, has_row: bool) -> bool:
+    def _ranks_with_row(self, has_row: bool) -> tuple[bool, bool]:
+        """Return (every rank has a row, some rank has a row), agreed by all ranks."""
         import torch
         import torch.distributed as dist
 
-        flag = torch.tensor([1 if has_row else 0], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._sync_group)
-        return bool(flag.item())
+        flag = 1 if has_row else 0
+        flags = torch.tensor([flag, -flag], dtype=torch.int32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self._sync_group)
+        return bool(flags[0].item()), bool(-flags[1].item())
+
+    def _filler_row(self) -> dict[str, list[int]]:
+        """Return a one-token row with nothing to train, for a rank whose share has run out."""
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id
+        self.stats["filler_rows"] += 1
+        return {"input_ids": [pad_id], "labels": [IGNORE_INDEX], "position_ids": [0], "seq_lens": [1]}
 
     # --- iteration ------------------------------------------------------------------------
 
@@ -149,21 +174,27 @@ class ChatDataset(IterableDataset):
             )
             self._sync = False
 
-        sync = self._sync
-        for row in self._iter_local_rows():
-            if sync and not self._all_ranks_have_row(True):
-                logger.info("epoch %d ends on this rank: another rank's share has no more rows", self.epoch)
+        if not self._sync:
+            yield from self._iter_local_rows()
+            self._end_epoch()
+            return
+
+        local_rows = self._iter_local_rows()
+        while True:
+            row = next(local_rows, None)
+            every_rank, some_rank = self._ranks_with_row(row is not None)
+            if not some_rank:
                 break
-            yield row
-        else:
-            if sync:
-                self._all_ranks_have_row(False)
+            if not every_rank and self.epoch_end == "min":
+                logger.info("data epoch %d ends on every rank: some rank's share has no more rows", self.epoch)
+                break
+            yield row if row is not None else self._filler_row()
         self._end_epoch()
 
     def _end_epoch(self) -> None:
         self.last_epoch_rows = {"rows_read": self.rows.rows_read, "skipped": dict(self.rows.skipped)}
         logger.info(
-            "data epoch %d done: %d rows read, skipped %s, %d documents, %d rows yielded, fill %.4f",
+            "data epoch %d done: %d rows read, skipped %s, %d documents, %d rows packed, fill %.4f",
             self.epoch, self.rows.rows_read, dict(self.rows.skipped) or "none", self.stats["documents"],
             self.stats["rows"], self.fill_efficiency(),
         )
