@@ -5,7 +5,9 @@ Measures, with one tokenizer and one chat template for every method:
 1. Time to the first packed batch on a large local parquet file (make it with
    `bench/make_openorca_1m.py`): from constructing `ChatDataset` to the first
    collated batch, tokenizer loading excluded (reported separately). Also the time
-   to resume at row 900,000 from a saved state and yield the next batch.
+   to resume at row 900,000 from a saved state and yield the next batch, and the
+   fill and speed while streaming the first `--streaming-rows` rows of that file
+   (no end-of-stream rows, so this is the steady-state fill).
 2. On the sample rows, at each `--max-length`: packed rows per second through
    `ChatDataset` (read, render, tokenize, pack), and fill efficiency (non-pad
    tokens / token slots) of
@@ -40,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="Rows per batch for the first-batch timing.")
     parser.add_argument("--chat-template", default="chatml", help="Chat template: chatml, a .jinja path, or 'tokenizer'.")
     parser.add_argument("--json", default=None, help="Write the results to this JSON file as well.")
+    parser.add_argument("--streaming-rows", type=int, default=20_000,
+                        help="Source rows of the large file to stream for the steady-state fill (0 skips it).")
     return parser.parse_args(argv)
 
 
@@ -78,6 +82,23 @@ def measure_first_batch(path: str, tokenizer, chat_template, batch_size: int, ma
     resume_s = time.perf_counter() - started
     return {"rows_in_file": rows.source.num_rows(), "first_batch_s": first_batch_s,
             "resume_at_900k_first_batch_s": resume_s, "batch_size": batch_size, "max_length": max_length}
+
+
+def measure_streaming_fill(path: str, tokenizer, chat_template, max_length: int, source_rows: int) -> dict:
+    """Fill and speed while streaming the first `source_rows` rows of a large file (no end-of-stream rows)."""
+    from lmforge.data import ChatDataset, SplitRows
+
+    dataset = ChatDataset(SplitRows(path, "train"), tokenizer, max_length=max_length, chat_template=chat_template)
+    started = time.perf_counter()
+    packed_rows = 0
+    for _ in dataset:
+        packed_rows += 1
+        if dataset.rows.rows_read >= source_rows:
+            break
+    seconds = time.perf_counter() - started
+    return {"source_rows": dataset.rows.rows_read, "packed_rows": packed_rows, "fill": dataset.fill_efficiency(),
+            "rows_per_s": packed_rows / seconds, "tokens_per_s": dataset.stats["tokens"] / seconds,
+            "max_length": max_length}
 
 
 def measure_packing(sample: str, tokenizer, chat_template, max_length: int) -> dict:
@@ -148,6 +169,10 @@ def main(argv=None) -> None:
         report["first_batch"] = measure_first_batch(args.large, tokenizer, chat_template, args.batch_size,
                                                     max(args.max_length))
         print(json.dumps(report["first_batch"], indent=2))
+        if args.streaming_rows > 0:
+            report["streaming"] = measure_streaming_fill(args.large, tokenizer, chat_template, max(args.max_length),
+                                                         args.streaming_rows)
+            print(json.dumps(report["streaming"], indent=2))
     for max_length in args.max_length:
         report["packing"][str(max_length)] = measure_packing(args.sample, tokenizer, chat_template, max_length)
         print(max_length, json.dumps(report["packing"][str(max_length)], indent=2))
