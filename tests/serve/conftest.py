@@ -1,8 +1,8 @@
 """Fixtures for the inference server tests.
 
 `tiny_server` is the tiny random Llama behind a live uvicorn server on a free
-loopback port, shared by the module's tests; `tiny_engine` is its engine, whose
-model and tokenizer tests use to compute expected outputs in-process.
+loopback port, shared by the session's tests. `tiny_engine` is its engine, and
+tests use its model and tokenizer to compute expected outputs in-process.
 """
 
 from __future__ import annotations

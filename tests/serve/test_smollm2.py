@@ -1,8 +1,8 @@
 """The real SmolLM2-135M-Instruct behind the server: chat replies end at the turn end.
 
-A reply that runs past `<|im_end|>` shows up as `finish_reason` "length" and as
-template text (`<|im_start|>user ...`) in the content; both are checked, for
-streaming and non-streaming requests.
+A reply that runs past `<|im_end|>` ends with `finish_reason` "length" and contains
+template text such as `<|im_start|>user`. The tests check both, for streaming and
+non-streaming requests.
 """
 
 from __future__ import annotations

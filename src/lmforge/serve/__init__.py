@@ -1,9 +1,12 @@
 """OpenAI-compatible inference server for lmforge model directories and checkpoints.
 
-`build_engine` loads a model (or the newest complete checkpoint) and returns a
-`GenerationEngine`; `create_app` wraps it in a FastAPI application; `run_server`
-serves it with uvicorn and `BackgroundServer` does the same on a thread. Importing
-this package does not import torch or transformers.
+- `build_engine` loads a model (or the newest complete checkpoint) and returns a
+  `GenerationEngine`.
+- `create_app` wraps the engine in a FastAPI application.
+- `run_server` serves the application with uvicorn, and `BackgroundServer` does the
+  same on a thread.
+
+Importing this package does not import torch or transformers.
 """
 
 from __future__ import annotations

@@ -6,10 +6,11 @@ Routes: `GET /health`, `GET /v1/models`, `GET /v1/models/{id}`,
 and a generation prompt). Streaming responses are server-sent events, one
 `data: {json}` chunk per text delta and `data: [DONE]` at the end.
 
-Every error, including FastAPI's validation errors (422 by default) and unknown
-routes, is returned as `{"error": {"message", "type", "param", "code"}}`: 400 for an
-invalid request, 401 for a missing or wrong API key, 404 for an unknown route or
-model id in the path, 405 for a wrong method, 500 when generation fails.
+Every error is returned as `{"error": {"message", "type", "param", "code"}}`,
+including FastAPI's validation errors (422 by default) and unknown routes. The
+status codes are 400 for an invalid request, 401 for a missing or wrong API key,
+404 for an unknown route or model id, 405 for a wrong method and 500 when
+generation fails.
 """
 
 from __future__ import annotations
@@ -87,9 +88,8 @@ def _api_key_checker(api_key: str | None) -> Callable:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-            logger.info("Rejected %s %s from %s: missing or wrong API key", request.method, request.url.path, _client(request))
             raise RequestError(
-                "Missing or incorrect API key; send the server's --api-key as 'Authorization: Bearer KEY'",
+                f"Missing or incorrect API key from {_client(request)}; send the server's --api-key as 'Authorization: Bearer KEY'",
                 code="invalid_api_key",
                 status_code=401,
             )
@@ -107,6 +107,7 @@ def _client(request: Request) -> str:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError) -> JSONResponse:
+        logger.info("Rejected %s %s with %d: %s", request.method, request.url.path, exc.status_code, exc.message)
         return JSONResponse(exc.body(), status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)

@@ -2,10 +2,10 @@
 
 `Generation` runs one request: a prefill forward pass over the prompt, then one
 forward pass per new token with the model's KV cache. It samples with transformers'
-temperature and top-p logits warpers and a per-request `torch.Generator` (so `seed`
-makes a request reproducible without touching the global RNG), ends at a stop token
-id, a stop string or `max_tokens`, and checks a cancellation flag before every
-token. A custom loop is used in place of `model.generate` because the server needs
+temperature and top-p logits warpers and a per-request `torch.Generator`, so `seed`
+makes a request reproducible without touching the global RNG. It ends at a stop
+token id, a stop string or `max_tokens`, and checks a cancellation flag before
+every token. A custom loop is used in place of `model.generate` because the server needs
 per-token text deltas, stop strings with the stop text removed, and cancellation
 when the client disconnects.
 
@@ -63,10 +63,12 @@ class GenerationResult:
 class Generation:
     """One request's decode loop; iterate it for text deltas, then read the result fields.
 
-    The loop stops at the first of: a token in `stop_token_ids` (finish_reason
-    "stop", the token is counted but not decoded), a stop string in the decoded text
-    ("stop", the text from the stop string on is dropped), `max_tokens` generated
-    tokens ("length"), or `is_cancelled()` returning True ("cancelled").
+    The loop stops at the first of these, with the given finish_reason:
+
+    - a token in `stop_token_ids`: "stop"; the token is counted but not decoded.
+    - a stop string in the decoded text: "stop"; the text from the stop string on is dropped.
+    - `max_tokens` generated tokens: "length".
+    - `is_cancelled()` returning True: "cancelled".
     """
 
     def __init__(
@@ -234,7 +236,7 @@ class RequestHandle:
         try:
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
         except RuntimeError:
-            # The event loop has closed (server shutdown); nobody is waiting any more.
+            # The event loop has closed at server shutdown, so no handler reads the events.
             self.cancel()
 
 

@@ -14,8 +14,8 @@ Two problems make "decode each token and print it" wrong:
   deltas, so they stop at the same place.
 
 Example with the stop string "END" and the deltas "The E", "N", "D!":
-`feed("The E")` returns ("The ", False) and holds "E"; `feed("N")` returns
-("", False) and holds "EN"; `feed("D!")` returns ("", True). The content is "The ".
+`feed("The E")` returns ("The ", False) and keeps "E" pending. `feed("N")` returns
+("", False) with "EN" pending, and `feed("D!")` returns ("", True). The content is "The ".
 """
 
 from __future__ import annotations
@@ -89,8 +89,8 @@ class StopStringMatcher:
             self._pending = ""
             return text, True
 
-        held = self._longest_stop_prefix_suffix()
-        release_end = len(self._pending) - held
+        held_length = self._longest_stop_prefix_suffix()
+        release_end = len(self._pending) - held_length
         text = self._pending[:release_end]
         self._pending = self._pending[release_end:]
         return text, False
