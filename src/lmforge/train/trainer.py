@@ -221,7 +221,8 @@ class Trainer:
         self._shard_datasets()
         if state is not None:
             self._load_checkpoint(self._resume_checkpoint, state)
-        elif args.start_annealing:
+        if args.start_annealing:
+            # The scheduler ignores a second request, so repeating the flag on resume is harmless.
             self._start_annealing("--start-annealing")
         self._train_iterator = self._new_train_iterator()
 
@@ -443,11 +444,14 @@ class Trainer:
                 self._log_step(interval_loss / interval_steps, grad_norm, learning_rate, interval_tokens / elapsed)
                 interval_loss, interval_steps = 0.0, 0
                 interval_tokens, interval_start = 0, time.time()
+            # Evaluation and checkpoint time does not count against tokens_per_second.
+            paused_at = time.time()
             if self.eval_interval and self.global_step % self.eval_interval == 0:
                 self._evaluate()
             if args.save_strategy == "steps" and self.global_step % self.save_interval == 0:
                 self._save_checkpoint()
             self._apply_control_requests()
+            interval_start += time.time() - paused_at
 
         if progress is not None:
             progress.close()
@@ -772,7 +776,8 @@ class Trainer:
             message = "the LR scheduler has no start_annealing(); request ignored"
             logger.warning("%s: %s", source, message)
             return message
-        self.lr_scheduler.start_annealing()
+        if self.lr_scheduler.start_annealing() is False:
+            return "the LR scheduler did not start annealing (see its warning)"
         return f"annealing started at step {self.global_step}"
 
     # ------------------------------------------------------------------ teardown
