@@ -94,3 +94,11 @@ def test_unknown_job_is_an_error(control_dir, run_lmforge):
     assert result.returncode == 2
     assert "error: no training job 'nosuchjob'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_abort_kills_job_stuck_in_step(start_job, run_lmforge, control_dir):
+    proc, _ = start_job("stuck", step_seconds=600)
+    result = run_lmforge("control", "abort", "--force", "--grace", "1", "stuck", check=True)
+    assert "killed pid" in result.stdout
+    assert proc.wait(timeout=30) == -9
+    assert list(control_dir.iterdir()) == []

@@ -172,6 +172,14 @@ def test_train_steered_by_requests_and_signals(start_train, run_lmforge, control
     assert [(r["reason"], r["global_step"]) for r in ends][0] == ("save-stop", stop_step)
     assert ends[-1]["reason"] == "stop"
 
+    # The log tools read the real log of the resumed run.
+    summary = json.loads(run_lmforge("logs", "summary", "--format", "json", resumed.run_dir, check=True).stdout)[0]
+    assert summary["total_steps"] == ends[-1]["global_step"]
+    assert summary["resumed_from_steps"] == [stop_step]
+    assert summary["end_reason"] == "stop"
+    plot = run_lmforge("logs", "plot", "--lr", resumed.run_dir, check=True).stdout
+    assert "(1200x800 px, 1 run(s))" in plot
+
     lrs = _lr_by_step(records)
     peak = lrs[anneal_step]
     for step in range(3, anneal_step + 1):  # steps 1 and 2 are warmup

@@ -89,6 +89,7 @@ def test_cli_formats(model_dir, run_lmforge):
     assert "Max grad norm          40 (step 2)" in text
     assert "Best eval loss         3.9000 (step 8)" in text
     assert "Wall-clock             0m22s (22 s)" in text
+    assert "Effective batch size   16 (per-device 4, 2 ranks, accumulation 2)" in text
 
     markdown = run_lmforge("logs", "summary", "--format", "md", model_dir, check=True).stdout
     assert markdown.startswith("| Metric | first |\n|---|---|\n")

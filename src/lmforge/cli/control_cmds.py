@@ -121,12 +121,15 @@ def register(app: typer.Typer) -> None:
             ("step", step_text),
             ("tokens", _format_number(values.get("tokens"), "{:,}")),
             ("loss", _format_number(values.get("loss"), "{:.4f}")),
+            ("grad norm", _format_number(values.get("grad_norm"), "{:.4g}")),
             ("learning rate", _format_number(values.get("learning_rate"), "{:.3e}")),
             ("tokens/s", _format_number(values.get("tokens_per_second"), "{:,.0f}")),
             ("ETA", _format_duration(values.get("eta_seconds"))),
         ]
-        shown = {"global_step", "max_steps", "tokens", "loss", "learning_rate", "tokens_per_second", "eta_seconds"}
-        lines += [(key, "-" if value is None else str(value)) for key, value in values.items() if key not in shown]
+        shown = {"global_step", "max_steps", "tokens", "loss", "grad_norm", "learning_rate", "tokens_per_second", "eta_seconds"}
+        for key, value in values.items():
+            if key not in shown:
+                lines.append((key, _format_number(value, "{:.6g}" if isinstance(value, float) else "{}")))
         width = max(len(name) for name, _ in lines)
         for name, value in lines:
             typer.echo(f"{name.ljust(width)}  {value}")
@@ -159,10 +162,15 @@ def register(app: typer.Typer) -> None:
     def abort(
         job: str = typer.Argument(..., help=JOB_HELP),
         force: bool = typer.Option(False, "--force", "-f", help="Do not ask for confirmation."),
-        timeout: float = typer.Option(300.0, "--timeout", help=TIMEOUT_HELP),
+        grace: float = typer.Option(
+            30.0, "--grace", help="Seconds to wait for the next step boundary before killing the job with SIGKILL."
+        ),
     ) -> None:
-        """Exit at the next step boundary without saving or finishing logs (asks first unless --force)."""
-        from lmforge.train.control import JobRegistry
+        """Exit without a checkpoint at the next step boundary, or kill the job after --grace seconds.
+
+        Asks for confirmation unless --force. Progress since the last checkpoint is lost.
+        """
+        from lmforge.train.control import JobRegistry, abort_job
 
         record = JobRegistry().find(job)
         if not force:
@@ -171,7 +179,11 @@ def register(app: typer.Typer) -> None:
                 f"Abort job {record.job_id} (pid {record.pid}, step {step})? Progress since its last checkpoint is lost.",
                 abort=True,
             )
-        _send(record.job_id, "abort", timeout)
+        reply = abort_job(record, grace=grace)
+        line = f"{record.job_id}: 'abort' applied"
+        if reply.get("step") is not None:
+            line += f" at step {reply['step']}"
+        typer.echo(f"{line}: {reply['message']}")
 
     @control_app.command("start-annealing")
     def start_annealing(

@@ -211,9 +211,10 @@ def summary_rows(summary: RunSummary) -> list[tuple[str, str]]:
         parts = [
             f"per-device {s.per_device_train_batch_size}" if s.per_device_train_batch_size is not None else None,
             f"{s.world_size} ranks" if s.world_size is not None else None,
-            f"{s.gradient_accumulation_steps} accumulation" if s.gradient_accumulation_steps is not None else None,
+            f"accumulation {s.gradient_accumulation_steps}" if s.gradient_accumulation_steps is not None else None,
         ]
-        detail = " x ".join(part for part in parts if part)
+        # No multiplication sign: pipeline ranks share one batch, so world size is not a factor there.
+        detail = ", ".join(part for part in parts if part)
         batch = f"{s.effective_batch_size} ({detail})" if detail else str(s.effective_batch_size)
 
     total_steps = None

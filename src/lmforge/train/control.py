@@ -40,6 +40,7 @@ import logging
 import os
 import queue
 import re
+import signal
 import socket
 import tempfile
 import threading
@@ -98,31 +99,38 @@ def runtime_dir(create: bool = True) -> Path:
     return path
 
 
-def _process_start_ticks(pid: int) -> int | None:
-    """Return the start time of `pid` in clock ticks since boot (Linux), or None where unknown."""
+def _process_stat_fields(pid: int) -> list[str] | None:
+    """Return the fields of /proc/PID/stat after the command name (Linux), or None where unavailable."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     # Field 2 (the command name) may contain spaces and brackets, so split after the last ')'.
-    fields = text[text.rfind(")") + 2 :].split()
+    return text[text.rfind(")") + 2 :].split()
+
+
+def _process_start_ticks(pid: int) -> int | None:
+    """Return the start time of `pid` in clock ticks since boot (Linux), or None where unknown."""
+    fields = _process_stat_fields(pid)
     try:
-        return int(fields[19])
+        return int(fields[19]) if fields else None
     except (IndexError, ValueError):
         return None
 
 
 def pid_alive(pid: int, start_ticks: int | None = None) -> bool:
-    """Return True while `pid` runs and, where `start_ticks` is given, was not reused by a newer process."""
+    """Return True while `pid` runs: not exited, not a zombie, and (given `start_ticks`) not a reused pid."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         pass
-    if start_ticks is not None:
-        current = _process_start_ticks(pid)
-        if current is not None and current != start_ticks:
+    fields = _process_stat_fields(pid)
+    if fields:
+        if fields[0] == "Z":
+            return False
+        if start_ticks is not None and _process_start_ticks(pid) not in (None, start_ticks):
             return False
     return True
 
@@ -550,12 +558,16 @@ class JobRegistry:
         return removed
 
 
+class ControlTimeoutError(LmforgeError):
+    """No acknowledgement arrived in time; the request stays queued in the job."""
+
+
 def send_request(record: JobRecord, command: str, *, timeout: float = 300.0) -> dict:
     """Send `command` to the job and wait for its acknowledgement; return the reply dict.
 
     Raise `LmforgeError` when the job is not running, the socket refuses the
-    connection, the job exits before applying the request, the job rejects it, or
-    no reply arrives within `timeout` seconds.
+    connection, the job exits before applying the request or rejects it, and
+    `ControlTimeoutError` when no reply arrives within `timeout` seconds.
     """
     if command not in COMMANDS:
         raise LmforgeError(f"unknown control command {command!r}; expected one of {', '.join(COMMANDS)}")
@@ -581,7 +593,7 @@ def send_request(record: JobRecord, command: str, *, timeout: float = 300.0) -> 
         try:
             line = _read_line(conn)
         except socket.timeout:
-            raise LmforgeError(
+            raise ControlTimeoutError(
                 f"timed out after {timeout:g} s waiting for job {record.job_id} to acknowledge '{command}'; "
                 "the request stays queued and applies at the job's next optimizer step",
                 hint="a step may take longer than the timeout: pass a larger --timeout, "
@@ -611,3 +623,34 @@ def _wait_for_exit(record: JobRecord, timeout: float) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def abort_job(record: JobRecord, *, grace: float = 30.0) -> dict:
+    """Send `abort`; when the job does not reach a step boundary within `grace` seconds, kill it.
+
+    A hung step (a stuck collective, a stalled data loader) never reaches the
+    boundary, so after `grace` seconds rank 0's process gets SIGKILL; torchrun
+    then stops the other local ranks. Its registry entry and socket are removed.
+    Return the acknowledgement, or a reply whose message says that the job was killed.
+    """
+    try:
+        return send_request(record, "abort", timeout=grace)
+    except ControlTimeoutError:
+        pass
+
+    logger.warning("Job %s did not acknowledge 'abort' within %g s; sending SIGKILL to pid %d", record.job_id, grace, record.pid)
+    try:
+        os.kill(record.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if not _wait_for_exit(record, 10.0):
+        raise LmforgeError(f"job {record.job_id} (pid {record.pid}) is still running 10 s after SIGKILL")
+    for path in (record.registry_path, Path(record.socket)):
+        if path is not None:
+            path.unlink(missing_ok=True)
+    return {
+        "ok": True,
+        "command": "abort",
+        "step": None,
+        "message": f"no step boundary within {grace:g} s; killed pid {record.pid} with SIGKILL",
+    }
