@@ -269,3 +269,44 @@ def test_activation_checkpointing_same_gradients(tiny_llama_dir):
         grads.append({name: parameter.grad.clone() for name, parameter in backend.named_parameters()})
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=f"gradient of {name} differs")
+
+
+def test_resume_from_older_checkpoint(tiny_llama_dir, tmp_path):
+    rows = make_rows(40)
+    build_trainer(tiny_llama_dir, tmp_path / "run", rows, max_steps=4, save_steps=2, save_total_limit=None).train()
+    recorder = StepRecorder()
+    older = ckpt.checkpoint_path(tmp_path / "run", 2)
+    build_trainer(tiny_llama_dir, tmp_path / "run", rows, callbacks=[recorder], max_steps=3, resume=str(older)).train()
+    assert [step for step, _, _ in recorder.steps] == [3]
+
+
+def test_epoch_strategy_saves_each_epoch(tiny_llama_dir, tmp_path):
+    trainer = build_trainer(
+        tiny_llama_dir, tmp_path / "run", make_rows(8), max_steps=-1, num_train_epochs=2,
+        per_device_train_batch_size=2, save_strategy="epoch", save_total_limit=None,
+    )
+    end = trainer.train()
+    assert end["reason"] == "completed"
+    assert end["global_step"] == 8
+    assert [path.name for path in ckpt.list_checkpoints(tmp_path / "run")] == ["checkpoint-4", "checkpoint-8"]
+    assert trainer.epoch == 2
+
+
+def test_divergence_detector_spike_and_recovery():
+    from lmforge.train.divergence import DivergenceDetector
+
+    detector = DivergenceDetector(threshold=3.0, window=10, min_history=3)
+    assert detector.check_loss(20.0) is None  # too little history to judge a spike
+    for loss in (2.0, 2.1, 1.9):
+        assert detector.check_loss(loss) is None
+    assert "above 3 x the moving average" in detector.check_loss(40.0)
+    assert detector.check_loss(2.0) is None  # the spike was not added to the average
+    for norm in (1.0, 1.2, 0.9):
+        assert detector.check_grad_norm(norm) is None
+    assert "gradient norm 30" in detector.check_grad_norm(30.0)
+    assert detector.check_grad_norm(1.1) is None
+
+    restored = DivergenceDetector(threshold=3.0, window=10, min_history=3)
+    restored.load_state_dict(detector.state_dict())
+    assert restored.loss_average == detector.loss_average
+    assert restored.grad_norm_average == detector.grad_norm_average
