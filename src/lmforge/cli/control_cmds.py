@@ -99,7 +99,7 @@ def register(app: typer.Typer) -> None:
         output_format: str = typer.Option("text", "--format", help="Output format: text or json."),
         timeout: float = typer.Option(30.0, "--timeout", help="Seconds to wait for the reply."),
     ) -> None:
-        """Show a job's step, tokens, loss, LR, tokens/s and ETA (answered without waiting for a step)."""
+        """Show a job's step, tokens, loss, LR, tokens/s and ETA, as of its last step (no wait for the next one)."""
         from lmforge.train.control import JobRegistry, send_request
 
         if output_format not in ("text", "json"):
@@ -112,7 +112,9 @@ def register(app: typer.Typer) -> None:
         values = reply.get("status", {})
         step = values.get("global_step")
         max_steps = values.get("max_steps")
-        step_text = "-" if step is None else (f"{step} / {max_steps}" if max_steps and max_steps > 0 else str(step))
+        step_text = "-" if step is None else str(step)
+        if step is not None and max_steps and max_steps > 0:
+            step_text = f"{step} / {max_steps}"
         lines = [
             ("job", f"{reply['job_id']} (pid {reply['pid']})"),
             ("config", reply.get("config") or "-"),

@@ -195,7 +195,7 @@ class ControlServer:
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[ControlRequest] = queue.SimpleQueue()
         self._pending: dict[str, socket.socket] = {}
-        # A resumed run knows its step before the first update_status() call.
+        # A resumed run has a step before its first update_status() call.
         self._status: dict[str, Any] = {}
         if isinstance(self.job_info.get("global_step"), int):
             self._status["global_step"] = self.job_info["global_step"]
@@ -631,7 +631,7 @@ def abort_job(record: JobRecord, *, grace: float = 30.0) -> dict:
     A hung step (a stuck collective, a stalled data loader) never reaches the
     boundary, so after `grace` seconds rank 0's process gets SIGKILL; torchrun
     then stops the other local ranks. Its registry entry and socket are removed.
-    Return the acknowledgement, or a reply whose message says that the job was killed.
+    Return the acknowledgement, or a reply whose message states that the job was killed.
     """
     try:
         return send_request(record, "abort", timeout=grace)
