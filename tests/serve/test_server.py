@@ -135,6 +135,50 @@ def test_completion_streaming_sse_format(tiny_server):
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
+def test_chat_content_parts_and_new_names(openai_client, tiny_engine):
+    messages = [{"role": "user", "content": "Hello there"}]
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]}]
+    expected = generate_locally(tiny_engine, render_chat(tiny_engine, messages), max_tokens=6, temperature=0)
+
+    response = openai_client.chat.completions.create(model="tiny", messages=parts, max_completion_tokens=6, temperature=0)
+    usage_chunks = [
+        chunk.usage
+        for chunk in openai_client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=6, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+        if chunk.usage is not None
+    ]
+
+    assert response.choices[0].message.content == expected.text
+    assert response.usage.completion_tokens == 6
+    assert len(usage_chunks) == 1
+    assert usage_chunks[0].completion_tokens == 6
+    assert usage_chunks[0].prompt_tokens == response.usage.prompt_tokens
+
+
+def test_chat_template_missing_and_override(tmp_path, repo_root):
+    from lmforge.models.tiny import build_tiny_llama
+    from lmforge.serve.app import create_app
+    from lmforge.serve.loading import build_engine
+    from lmforge.serve.server import BackgroundServer
+
+    model_dir = build_tiny_llama(tmp_path / "plain", chat_tokens=False)
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+
+    with BackgroundServer(create_app(build_engine(model_dir, device="cpu"))) as server:
+        without_template = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)
+        completion = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3}, timeout=30)
+    engine = build_engine(model_dir, device="cpu", chat_template=repo_root / "chat_templates" / "chatml.jinja")
+    with BackgroundServer(create_app(engine)) as server:
+        with_template = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)
+
+    assert without_template.status_code == 400
+    assert "--chat-template" in without_template.json()["error"]["message"]
+    assert completion.status_code == 200
+    assert with_template.status_code == 200
+    assert with_template.json()["usage"]["completion_tokens"] == 3
+
+
 # ----------------------------------------------------------------- stopping
 
 
@@ -281,6 +325,10 @@ ERROR_CASES = [
     ("/v1/completions", '{"prompt": "x", "stop": 7}', "stop"),
     ("/v1/completions", '{"prompt": "x", "stop": [""]}', "stop"),
     ("/v1/completions", '{"prompt": "x", "n": 2}', "n"),
+    ("/v1/completions", '{"prompt": "x", "echo": true}', "echo"),
+    ("/v1/completions", '{"prompt": "x", "logit_bias": {"5": 10}}', "logit_bias"),
+    ("/v1/completions", '{"prompt": "x", "presence_penalty": 0.5}', "presence_penalty"),
+    ("/v1/completions", '{"prompt": ["a", "b"]}', "prompt"),
     ("/v1/completions", '{"prompt": ""}', "prompt"),
     ("/v1/completions", '{"model": "gpt-4", "prompt": "x"}', "model"),
     ("/v1/chat/completions", '{"messages": []}', "messages"),

@@ -58,7 +58,11 @@ def resolve_model_path(model_dir: str | Path, checkpoint: str | None = None, use
 
 
 def resolve_device(device: str) -> str:
-    """Return "cuda" or "cpu" for `device` in {"auto", "cpu", "cuda", "cuda:N"}."""
+    """Return "cuda" or "cpu" for `device` in {"auto", "cpu", "cuda", "cuda:N"}.
+
+    NOTE: the test suite runs on CPU only, so serving on CUDA (bfloat16 weights, a
+    CUDA `torch.Generator`) has not been run by it.
+    """
     import torch
 
     if device == "auto":

@@ -3,8 +3,8 @@
 The models are strict (JSON types are not coerced, so `"max_tokens": "10"` is
 rejected) and ignore fields that lmforge does not implement, as tools such as
 Open WebUI send many optional ones. Fields that would change the output and that
-lmforge cannot honour (`n` > 1, `logprobs`, `echo`, penalties) are rejected with
-an error instead of being ignored.
+lmforge cannot honour (`n` > 1, `logprobs`, `echo`, penalties, `logit_bias`) are
+rejected with an error instead of being ignored.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ class _GenerationRequest(BaseModel):
     n: int = 1
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: Optional[dict[str, float]] = None
     user: Optional[str] = None
 
     @field_validator("stop")
@@ -91,6 +92,8 @@ class _GenerationRequest(BaseModel):
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) != 0:
                 raise RequestError(f"{name} is not supported; send 0 or leave it out", param=name)
+        if self.logit_bias:
+            raise RequestError("logit_bias is not supported; send {} or leave it out", param="logit_bias")
 
 
 class CompletionRequest(_GenerationRequest):
