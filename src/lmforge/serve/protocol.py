@@ -48,7 +48,7 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     include_usage: bool = False
-    """Send a last chunk with `usage` and no choices before `data: [DONE]`."""
+    """If true, the stream ends with a chunk that has `usage` and no choices, before `data: [DONE]`."""
 
 
 class _GenerationRequest(BaseModel):
