@@ -170,12 +170,14 @@ def test_check_seq_len_above_model(run_dir, check_cli):
     assert "seq_len 4096 is above the model's max_position_embeddings 1024" in err
 
 
-def test_check_gpu_config_without_gpu(run_dir, check_cli):
+def test_check_gpu_config_without_gpu(run_dir, repo_root, monkeypatch, capsys):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    status, err = check_cli(run_dir, sets=["ns.device_type=cuda"])
+    # Without --dry-run: a dry run only warns, so a GPU run can be planned on this machine.
+    argv = ["-p", repo_root / "configs" / "open_orca", "-t", "tiny/cpu_test.yaml", "--set", "ns.device_type=cuda", "train", "-M", run_dir]
+    status, _, err = _run_cli(argv, monkeypatch, capsys)
     assert status == 2
     assert "no CUDA GPU" in err
 

@@ -105,7 +105,7 @@ def train(
         overrides=overrides,
         debug=opts.debug,
     )
-    launcher.check_before_launch(request, namespace)
+    launcher.check_before_launch(request, namespace, check_gpus=not dry_run)
     command = launcher.torchrun_command(request)
     env = launcher.launch_environment(request)
 

@@ -78,9 +78,19 @@ def resolve_process_count(namespace: Mapping[str, Any], devices: Optional[list[i
     return per_node
 
 
-def check_before_launch(request: LaunchRequest, namespace: Mapping[str, Any]) -> None:
-    """Raise LmforgeError for a problem that would make the run fail later (item by item, one message each)."""
-    _check_devices(request)
+def check_before_launch(request: LaunchRequest, namespace: Mapping[str, Any], check_gpus: bool = True) -> None:
+    """Raise LmforgeError for a problem that would make the run fail later (item by item, one message each).
+
+    `check_gpus=False` (for `--dry-run`) logs a GPU mismatch as a warning instead, so a
+    GPU run can be planned on a machine without those GPUs.
+    """
+    if check_gpus:
+        _check_devices(request)
+    else:
+        try:
+            _check_devices(request)
+        except LmforgeError as exc:
+            logger.warning("%s (ignored by --dry-run; a real run stops here)", exc.message)
     _check_model(request.model_dir, namespace)
     _check_dataset_path(namespace.get("dataset_path"))
     _check_writable(request.run_dir)
