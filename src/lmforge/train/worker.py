@@ -7,7 +7,7 @@ constructs the config's `trainer` target with the variables `run_dir`, `model_di
 command's loop overrides (`--save-strategy` and the like) to `trainer.args`, and
 calls `train()`.
 
-Signals: the first SIGTERM or SIGINT asks for save-stop at the next optimizer-step
+Signals: the first SIGTERM or SIGINT requests save-stop at the next optimizer-step
 boundary (all ranks agree on it there); a second one aborts at once without saving.
 `lmforge train` starts torchrun in its own session and forwards the signals it gets,
 so one Ctrl-C in a terminal reaches each worker once.
