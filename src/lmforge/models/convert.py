@@ -82,6 +82,8 @@ class ConvertReport:
     dtype: str
     vocab_size_before: int
     vocab_size_after: int
+    source_path: str | None = None
+    """Absolute path of SRC, which `lmforge model check` compares with while it exists."""
     tokens: list[dict[str, Any]] = field(default_factory=list)
     embeddings: dict[str, Any] = field(default_factory=dict)
     bos_token_id: int | None = None
@@ -381,6 +383,7 @@ def convert_model(
     report = ConvertReport(
         source=source_label or str(src),
         source_kind=kind,
+        source_path=None if source_label else str(src.resolve()),
         destination=str(dst),
         dtype=str(target_dtype).replace("torch.", ""),
         vocab_size_before=vocab_size_before,

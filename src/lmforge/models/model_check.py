@@ -60,7 +60,8 @@ def recorded_source(path: Path) -> Path | None:
     if not provenance_path.is_file():
         return None
     try:
-        source = json.loads(provenance_path.read_text()).get("source")
+        provenance = json.loads(provenance_path.read_text())
+        source = provenance.get("source_path") or provenance.get("source")
     except (json.JSONDecodeError, AttributeError):
         return None
     if source and Path(source).exists():
