@@ -95,7 +95,8 @@ def compute_token_budget(
     if total_tokens is None or float(total_tokens) < 0:
         total_steps = -1
     else:
-        total_steps = math.floor(float(total_tokens) / tokens_per_step)
+        # Floor division, as the templates' `//`: floor(a / b) could round a near-integer quotient up.
+        total_steps = int(float(total_tokens) // tokens_per_step)
 
     if warmup_tokens is not None:
         warmup_steps = round(float(warmup_tokens) / tokens_per_step)
