@@ -70,6 +70,9 @@ def test_train_resume_logs_tensorboard(run_lmforge, repo_root, run_dir):
     assert [record["global_step"] for record in starts] == [0, 4]
     assert all(START_KEYS <= record.keys() for record in starts)
     assert starts[0]["config"] == "tiny/cpu_test.yaml"
+    assert starts[0]["seq_len"] == 128
+    assert starts[0]["tokens_per_step"] == 243
+    assert starts[0]["effective_batch_size"] == 2
     assert [record["global_step"] for record in steps] == [1, 2, 3, 4, 5, 6]
     assert all(STEP_KEYS <= record.keys() for record in steps)
     assert all(record["peak_memory"] > 0 and record["tokens_per_second"] > 0 for record in steps)

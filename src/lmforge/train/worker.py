@@ -99,6 +99,11 @@ def run(args: argparse.Namespace) -> int:
             resolved_config=config.preprocessed,
         )
         trainer.config_name = config.name
+        # The start log record reports these plan values even when the config's `extra:` omits them.
+        trainer.args.extra.setdefault("config", config.name)
+        for key in ("seq_len", "tokens_per_step"):
+            if config.namespace.get(key) is not None:
+                trainer.args.extra.setdefault(key, config.namespace[key])
         for name, value in json.loads(args.overrides).items():
             setattr(trainer.args, name, value)
         validate_arguments(trainer.args)
