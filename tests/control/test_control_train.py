@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from lmforge.errors import LmforgeError
 from lmforge.train.control import JobRegistry, send_request
 
 TRAIN_FLAGS = ("--max-steps", "100000", "--decay-start-step", "-1", "--save-steps", "100000")
@@ -126,6 +127,8 @@ def test_train_steered_by_requests_and_signals(start_train, run_lmforge, control
     annealed = send_request(job, "start-annealing", timeout=60)
     anneal_step = annealed["step"]
     assert annealed["message"] == f"annealing started at step {anneal_step}"
+    with pytest.raises(LmforgeError, match=rf"did not apply 'start-annealing': the decay already started after step {anneal_step}"):
+        send_request(job, "start-annealing", timeout=60)
 
     saved = run_lmforge("control", "save", job.job_id, check=True).stdout
     save_step = int(saved.split("at step ")[1].split(":")[0])

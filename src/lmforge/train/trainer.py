@@ -740,11 +740,14 @@ class Trainer:
             # Every step, so `control status` and its ETA do not lag by a logging interval.
             self.control.update_status({"global_step": self.global_step, "tokens": self.tokens})
         for command, request in self._collect_requests():
-            message = self._apply_control_command(command)
+            try:
+                message, applied = self._apply_control_command(command), True
+            except _RequestNotApplied as exc:
+                message, applied = str(exc), False
             if self.is_main_process:
                 logger.info("Control request %r at step %d: %s", command, self.global_step, message)
                 if request is not None:
-                    self.control.acknowledge(request, self.global_step, message)
+                    self.control.acknowledge(request, self.global_step, message, ok=applied)
             if self._stop_reason is not None:
                 break
 
@@ -766,19 +769,32 @@ class Trainer:
             self._stop_reason = "abort"
             return "aborting"
         if command == "start-annealing":
-            return self._start_annealing("control request")
+            started, message = self._start_annealing("control request")
+            if not started:
+                raise _RequestNotApplied(message)
+            return message
         if self.control is not None:
             self.control.update_status(self._status())
         return "status updated"
 
-    def _start_annealing(self, source: str) -> str:
+    def _start_annealing(self, source: str) -> tuple[bool, str]:
+        """Begin the WSD decay now; return (started, message), the message giving the reason when not started."""
         if self.lr_scheduler is None or not hasattr(self.lr_scheduler, "start_annealing"):
             message = "the LR scheduler has no start_annealing(); request ignored"
             logger.warning("%s: %s", source, message)
-            return message
+            return False, message
         if self.lr_scheduler.start_annealing() is False:
-            return "the LR scheduler did not start annealing (see its warning)"
-        return f"annealing started at step {self.global_step}"
+            configured = getattr(self.lr_scheduler, "decay_start_step", -1)
+            triggered = getattr(self.lr_scheduler, "triggered_decay_start_step", None)
+            if configured is not None and configured >= 0:
+                return False, (
+                    f"the config sets decay_start_step={configured}; "
+                    "start the run with --decay-start-step -1 to start the decay on request"
+                )
+            if triggered is not None:
+                return False, f"the decay already started after step {triggered}"
+            return False, "the LR scheduler did not start annealing (see the job's log)"
+        return True, f"annealing started at step {self.global_step}"
 
     # ------------------------------------------------------------------ teardown
 
@@ -817,6 +833,10 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+class _RequestNotApplied(Exception):
+    """A control request that the trainer could not apply; the message is the reason sent to the client."""
 
 
 def validate_arguments(args: TrainingArguments) -> None:
