@@ -244,3 +244,17 @@ def test_dataset_targets_take_tokenizer_variable(project_dir, tiny_llama_dir):
     assert dataset.max_length == 64
     raw = next(iter(config.construct("train_dataset_split")))
     assert set(raw) >= {"id", "system_prompt", "question", "response"}
+
+
+def test_optimizer_and_clipping_from_namespace(project_dir, tmp_path):
+    sets = ["ns.optimizer=adamw", "ns.weight_decay=0.1", "ns.max_grad_norm=1.0", "ns.decay_shape=cosine"]
+    config = load(project_dir, "tiny/cpu_test.yaml", sets)
+    model = torch.nn.ModuleDict({"proj": torch.nn.Linear(2, 2), "norm": torch.nn.LayerNorm(2)})
+    optimizer = config.construct("optimizer_factory")(list(model.named_parameters()))
+    assert type(optimizer) is torch.optim.AdamW
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.1, 0.0]
+    assert config.construct("lr_scheduler_factory")(optimizer).decay_shape == "cosine"
+
+    args = config.construct("training_args", run_dir=str(tmp_path))
+    assert args.max_grad_norm == 1.0
+    assert load(project_dir, "tiny/cpu_test.yaml").construct("training_args", run_dir=str(tmp_path)).max_grad_norm is None
