@@ -11,10 +11,10 @@ so a packed row shows `...<|im_end|>\\n<|im_end|><|begin_of_text|><|im_start|>sy
 at a document boundary on a Llama 3 tokenizer whose EOS is `<|im_end|>`.
 
 A document is `Document(input_ids, first_target)`: tokens from index `first_target`
-on are training targets. `train_on="all"` sets it to 1 (every token but the first,
-which nothing inside the document predicts); `train_on="assistant"` sets it to the
-first token of the response, so the response, its `<|im_end|>` and the EOS are
-trained and the prompt is not.
+on are training targets. `train_on="all"` sets it to 1, because nothing inside the
+document predicts its first token. `train_on="assistant"` sets it to the first
+token of the response, so the response, its `<|im_end|>` and the EOS are trained
+and the prompt is not.
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ def shipped_chatml_template() -> str:
 def resolve_chat_template(tokenizer, chat_template: str | None) -> str:
     """Return the template text for `chat_template`.
 
-    None uses the tokenizer's own template (falling back to the shipped ChatML
-    template when it has none); "chatml" is the shipped template; any other
-    value is a path to a `.jinja` file or the template text itself.
+    None uses the tokenizer's own template, or the shipped ChatML template when
+    the tokenizer has none. "chatml" is the shipped template. Any other value is
+    a path to a `.jinja` file or, when it contains "{", the template text itself.
     """
     if chat_template is None:
         own = getattr(tokenizer, "chat_template", None)

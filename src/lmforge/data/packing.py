@@ -286,7 +286,7 @@ def model_inputs(batch: dict[str, Any], attn_implementation: str | None = None, 
       match), otherwise additive in `dtype` (float32 by default), which SDPA and
       eager both accept.
     - `attn_implementation` naming flash attention flattens the batch to one row
-      and passes `cu_seq_lens_q/k` and `max_length_q/k`; the logits then have
+      and passes `cu_seq_lens_q/k` and `max_length_q/k`. The logits then have
       shape [1, batch * seq, vocab], so compare them with `labels.reshape(1, -1)`.
     A batch of one document per row passes its `attention_mask` through.
 
