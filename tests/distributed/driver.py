@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--optimizer", default="adamw")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-grad-norm", type=float, default=None)
+    parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--eval-rows", type=int, default=0, help="after training, evaluate the first N rows")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -91,6 +92,9 @@ def main() -> None:
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
     vocab_size = model.config.vocab_size
+    if args.activation_checkpointing:
+        # As the trainer does: each decoder layer recomputes its activations in backward.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     rows = synthetic_rows(args.steps * args.global_batch, args.seq_len, vocab_size)
 
     if backend is None:

@@ -2,10 +2,10 @@
 
 A pipeline schedule runs one `nn.Module` per stage and passes only the hidden
 states from one stage to the next. Every stage still needs the packed-document
-structure of the batch, so each stage takes `position_ids` (and the optional
-attention mask) as keyword arguments, which `torch.distributed.pipelining` hands
-to every stage, and rebuilds the causal, document-restricted attention mask with
-the same `transformers` function the unsplit model uses. The result matches the
+structure of the batch. So each stage takes `position_ids` (and the optional
+attention mask) as keyword arguments, which `torch.distributed.pipelining` passes
+to every stage. It rebuilds the causal, document-restricted attention mask with
+the same `transformers` function the unsplit model uses, so the result matches the
 unsplit model up to floating-point rounding.
 
 Placement, for a model with L decoder layers split into S stages:
@@ -68,7 +68,7 @@ class LlamaStage(nn.Module):
     summed cross-entropy over tokens with labels != -100 (a scalar, see
     `lmforge.train.loss.summed_token_loss`); the other stages return hidden states.
 
-    Checkpoint behaviour: `state_dict()` holds this stage's parameters under their
+    Checkpoint behaviour: `state_dict()` contains this stage's parameters under their
     Hugging Face names (`model.embed_tokens.weight`, `model.layers.N.*`,
     `model.norm.weight`, `lm_head.weight`). The config, the layer split and the
     rotary embedding come from the constructor.
@@ -152,9 +152,9 @@ def split_llama(
     """Build the stages `stage_indices` (of `num_stages`) from a Llama-family causal LM.
 
     The stages share parameters with `model`, so modules no stage uses are freed
-    once the caller drops `model`. When the model ties its input and output
-    embeddings and the first and last stages are built by different calls (they live
-    on different ranks), the last stage gets its own copy of the tied weight; the
+    once the caller drops `model`. A model may tie its input and output embeddings
+    while the first and last stages are built by different calls (on different
+    ranks). Then the last stage gets its own copy of the tied weight, and the
     pipeline backend keeps the two copies equal by summing their gradients.
     """
     decoder = getattr(model, "model", None)

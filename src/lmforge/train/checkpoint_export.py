@@ -1,6 +1,6 @@
 """Export a trainer checkpoint as a Hugging Face model directory without trainer state.
 
-The export holds `config.json`, `generation_config.json`, the weights
+The export contains `config.json`, `generation_config.json`, the weights
 (`model.safetensors` or shards with their index) and the tokenizer files. The
 optimizer, scheduler, dataset and RNG states, `trainer_state.json`, `config.yaml`
 and the `COMPLETE` marker stay behind. For a pipeline checkpoint the per-rank
