@@ -1,6 +1,6 @@
 """Warmup-stable-decay (WSD) learning-rate schedule.
 
-A WSD schedule holds the learning rate at its peak for most of a run and spends
+A WSD schedule keeps the learning rate at its peak for most of a run and spends
 a fixed window at the end decaying it. Unlike cosine, the decay start does not
 depend on the run length, so a run can be extended or cut short and only the
 final decay window has to move.
@@ -98,7 +98,8 @@ class WSDScheduler(LRScheduler):
 
     The decay start D is `decay_start_step` when it is 0 or more. With `decay_start_step=-1`
     the stable phase lasts until `start_annealing()` is called (by `train --start-annealing`
-    or a control request), and D is the global step at that call.
+    or a control request), and D is the global step at that call, or the end of the
+    warmup when the call comes earlier.
 
     Checkpoint behaviour: `state_dict()` holds only the step counter (`last_epoch`, the
     number of completed optimizer steps), `_step_count`, and the triggered decay start
@@ -107,7 +108,7 @@ class WSDScheduler(LRScheduler):
     max_steps, decay_start_step, annealing_steps, min_lr, decay_shape and the peak LR.
     So a run resumed with an edited `decay_start_step` follows the new value.
     `load_state_dict()` then writes the closed-form LR for the restored step into the
-    optimizer's param groups; load the optimizer's state first and the scheduler's
+    optimizer's param groups. Load the optimizer's state first and the scheduler's
     state after it, because `Optimizer.load_state_dict` restores the LRs of the saved run.
     """
 
@@ -128,7 +129,8 @@ class WSDScheduler(LRScheduler):
         Args:
             warmup_steps: optimizer steps of linear warmup; 0 starts at the peak LR.
             max_steps: planned optimizer steps of the run; -1 when unknown (epoch-based).
-                Used only to check that the decay ends by `max_steps`.
+                A decay window that would end after `max_steps` is shortened to end
+                there, with a warning.
             decay_start_step: global step after which the decay begins; -1 waits for
                 `start_annealing()`.
             annealing_steps: optimizer steps from the decay start to `min_lr`.
@@ -295,15 +297,6 @@ class WSDScheduler(LRScheduler):
             group["lr"] = lr
         self._last_lr = lrs
 
-    def describe(self) -> str:
-        """Return a one-line summary of the schedule for logs."""
-        start = self.active_decay_start_step
-        start_text = "on request" if start is None else f"after step {start}"
-        return (
-            f"WSD: warmup {self.warmup_steps} steps, decay ({self.decay_shape}) {start_text} "
-            f"over {self.annealing_steps} steps to {self.min_lr_ratio:g} x peak"
-        )
-
 
 def _non_negative_int(name: str, value: Any) -> int:
     number = int(value)
@@ -329,10 +322,12 @@ def _resolve_min_lr_ratio(
     else:
         ratio = float(min_lr_ratio)
         source = f"min_lr_ratio {min_lr_ratio}"
-    lowest = 0.0 if decay_shape != "harmonic" else math.nextafter(0.0, 1.0)
+    harmonic = decay_shape == "harmonic"
+    lowest = math.nextafter(0.0, 1.0) if harmonic else 0.0
     if not lowest <= ratio <= 1.0:
+        interval = "(0, 1]" if harmonic else "[0, 1]"
         raise LmforgeError(
-            f"{source} gives a final LR of {ratio:g} x peak, outside {'(0' if decay_shape == 'harmonic' else '[0'}, 1]",
+            f"invalid min_lr: {source} gives a final LR of {ratio:g} x peak, outside {interval}",
             hint="the harmonic decay needs min_lr > 0; use a min_lr between 0 and the peak LR",
         )
     return ratio
