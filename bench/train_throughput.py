@@ -2,7 +2,7 @@
 
 Every setup trains the same model on the same rows with the same sequence length,
 per-device batch size, precision, optimizer (AdamW, lr 2e-5) and number of optimizer
-steps, each in its own subprocess so that peak memory is measured per setup:
+steps. Each runs in its own subprocess, so peak memory is measured per setup:
 
 - `lmforge_packed`: lmforge's best-fit packed dataset and trainer loop;
 - `trl_packed`: TRL `SFTTrainer` with `packing=True` (`packing_strategy="bfd"`, padding-free);

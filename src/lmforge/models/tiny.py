@@ -1,8 +1,8 @@
 """A tiny random Llama with a real BPE tokenizer, for tests and smoke runs.
 
-The model has random weights and a 2-layer Llama architecture; the tokenizer is a
-byte-level BPE trained in a fraction of a second on a built-in English text, so
-any string can be encoded. With `chat_tokens=True` the tokenizer carries the
+The model has random weights and a 2-layer Llama architecture. The tokenizer is a
+byte-level BPE trained in a fraction of a second on a built-in English text, and
+being byte-level it encodes any string. With `chat_tokens=True` the tokenizer carries the
 ChatML tokens `<|im_start|>`, `<|im_end|>` and `<|pad|>` and the ChatML chat
 template, like a model after `lmforge convert --add-tokens chatml`.
 """
