@@ -30,13 +30,14 @@ class _CountingCollator:
         return self.collator(rows)
 
 
-def run_lmforge_steps(model_dir, data, steps: int, seq_len: int, batch_size: int, precision: str) -> dict:
+def run_lmforge_steps(model_dir, data, steps: int, seq_len: int, batch_size: int, precision: str, callbacks=()) -> dict:
     """Train STEPS optimizer steps of BATCH_SIZE packed rows of SEQ_LEN tokens and time each step.
 
     Returns `{"step_times": [perf_counter at each optimizer step end], "step_tokens":
     [cumulative non-pad input tokens at that step], "parameters": int}`. DATA is an
     Open-Orca-format jsonl file. Every row trains (no validation split). PRECISION is
     `fp32`, or `bf16` for bf16 autocast over fp32 weights, as in lmforge's configs.
+    CALLBACKS are extra `TrainerCallback`s (the profiler script adds one).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -90,7 +91,7 @@ def run_lmforge_steps(model_dir, data, steps: int, seq_len: int, batch_size: int
             train_dataset=dataset,
             data_collator=collator,
             optimizer_factory=lambda named: build_optimizer(named, name="adamw", lr=2e-5, weight_decay=0.0),
-            callbacks=[StepTimes()],
+            callbacks=[StepTimes(), *callbacks],
             backend="single",
         )
         end = trainer.train()
