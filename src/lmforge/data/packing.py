@@ -139,6 +139,22 @@ def build_row(documents: Sequence[Document]) -> dict[str, list[int]]:
     }
 
 
+def _init_padding(collator, pad_token_id: int, max_length: int | None, pad_to: str) -> None:
+    if pad_to not in ("max_length", "longest"):
+        raise ValueError(f"invalid pad_to {pad_to!r}: use 'max_length' or 'longest'")
+    if pad_to == "max_length" and max_length is None:
+        raise ValueError("pad_to='max_length' needs max_length")
+    collator.pad_token_id = pad_token_id
+    collator.max_length = max_length
+    collator.pad_to = pad_to
+
+
+def _batch_width(collator, rows: Sequence[dict[str, list[int]]]) -> int:
+    if collator.pad_to == "max_length":
+        return collator.max_length
+    return max(len(row["input_ids"]) for row in rows)
+
+
 class PackedCollator:
     """Stack packed rows into the trainer's batch format.
 
@@ -151,18 +167,12 @@ class PackedCollator:
     """
 
     def __init__(self, pad_token_id: int, max_length: int | None = None, pad_to: str = "max_length"):
-        if pad_to not in ("max_length", "longest"):
-            raise ValueError(f"invalid pad_to {pad_to!r}: use 'max_length' or 'longest'")
-        if pad_to == "max_length" and max_length is None:
-            raise ValueError("pad_to='max_length' needs max_length")
-        self.pad_token_id = pad_token_id
-        self.max_length = max_length
-        self.pad_to = pad_to
+        _init_padding(self, pad_token_id, max_length, pad_to)
 
     def __call__(self, rows: Sequence[dict[str, list[int]]]) -> dict[str, Any]:
         import torch
 
-        width = self.max_length if self.pad_to == "max_length" else max(len(r["input_ids"]) for r in rows)
+        width = _batch_width(self, rows)
         input_ids, labels, position_ids, seq_lens = [], [], [], []
         for row in rows:
             pad = width - len(row["input_ids"])
@@ -189,18 +199,12 @@ class PaddedCollator:
     """
 
     def __init__(self, pad_token_id: int, max_length: int | None = None, pad_to: str = "longest"):
-        if pad_to not in ("max_length", "longest"):
-            raise ValueError(f"invalid pad_to {pad_to!r}: use 'max_length' or 'longest'")
-        if pad_to == "max_length" and max_length is None:
-            raise ValueError("pad_to='max_length' needs max_length")
-        self.pad_token_id = pad_token_id
-        self.max_length = max_length
-        self.pad_to = pad_to
+        _init_padding(self, pad_token_id, max_length, pad_to)
 
     def __call__(self, rows: Sequence[dict[str, list[int]]]) -> dict[str, Any]:
         import torch
 
-        width = self.max_length if self.pad_to == "max_length" else max(len(r["input_ids"]) for r in rows)
+        width = _batch_width(self, rows)
         input_ids, labels, position_ids, attention_mask = [], [], [], []
         for row in rows:
             length = len(row["input_ids"])
