@@ -48,6 +48,7 @@ def test_ddp_matches_single_process(tmp_path, tiny_llama4_dir, run_driver, singl
         ("ZBVZeroBubble", ["--activation-checkpointing"]),
         ("1F1B", []),
     ],
+    ids=["ZBV-activation-checkpointing", "1F1B"],
 )
 def test_pipeline_matches_single_process(tmp_path, tiny_llama4_dir, run_driver, single_run, schedule, extra_flags):
     reference, reference_weights = single_run
