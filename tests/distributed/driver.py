@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-grad-norm", type=float, default=None)
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--micro-batches", type=int, default=1, help="gradient-accumulation micro-batches per step and rank")
     parser.add_argument("--eval-rows", type=int, default=0, help="after training, evaluate the first N rows")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -118,13 +119,17 @@ def main() -> None:
         mine = [row for index, row in enumerate(step_rows) if index % data_world == data_rank]
         batch = collate(mine)
         local_tokens = int((batch["labels"] != -100).sum())
+        rows_per_micro_batch = len(mine) // args.micro_batches
+        micro_batches = [
+            collate(mine[index : index + rows_per_micro_batch]) for index in range(0, len(mine), rows_per_micro_batch)
+        ]
         optimizer.zero_grad(set_to_none=True)
         if backend is None:
-            loss = float(backend_single.forward_backward([batch], local_tokens))
+            loss = float(backend_single.forward_backward(micro_batches, local_tokens))
             grad_norm = float(backend_single.clip_grad_norm(args.max_grad_norm))
         else:
             tokens = int(backend.all_reduce_data_parallel(torch.tensor(local_tokens)))
-            step_loss = backend.forward_backward([batch], tokens)
+            step_loss = backend.forward_backward(micro_batches, tokens)
             # Each rank returns its share of the step loss; the sum over all ranks is the step's mean loss.
             dist.all_reduce(step_loss)
             loss = float(step_loss)

@@ -26,10 +26,18 @@ def _assert_same_weights(expected: dict, actual: dict, atol: float) -> None:
 
 
 @pytest.mark.timeout(180)
-def test_ddp_matches_single_process(tmp_path, tiny_llama4_dir, run_driver, single_run):
+@pytest.mark.parametrize(
+    "micro_batches",
+    [1, 2],
+    ids=["micro-batch-2", "accumulate-2x1"],
+)
+def test_ddp_matches_single_process(tmp_path, tiny_llama4_dir, run_driver, single_run, micro_batches):
     reference, reference_weights = single_run
     out = tmp_path / "ddp.json"
-    run_driver("--backend", "ddp", "--model", tiny_llama4_dir, "--steps", STEPS, "--eval-rows", 3, "--out", out)
+    run_driver(
+        "--backend", "ddp", "--micro-batches", micro_batches,
+        "--model", tiny_llama4_dir, "--steps", STEPS, "--eval-rows", 3, "--out", out,
+    )
 
     report = json.loads(out.read_text())
     assert report["steps"] == STEPS
@@ -45,16 +53,17 @@ def test_ddp_matches_single_process(tmp_path, tiny_llama4_dir, run_driver, singl
     ("schedule", "extra_flags"),
     [
         # ZBV with activation checkpointing, as the 7B pipeline config runs it.
-        ("ZBVZeroBubble", ["--activation-checkpointing"]),
-        ("1F1B", []),
+        ("ZBVZeroBubble", ["--n-microbatches", "4", "--activation-checkpointing"]),
+        # 1F1B with 2 accumulation micro-batches of 2 rows, each split into 2 pipeline micro-batches.
+        ("1F1B", ["--micro-batches", "2"]),
     ],
-    ids=["ZBV-activation-checkpointing", "1F1B"],
+    ids=["ZBV-activation-checkpointing", "1F1B-accumulate"],
 )
 def test_pipeline_matches_single_process(tmp_path, tiny_llama4_dir, run_driver, single_run, schedule, extra_flags):
     reference, reference_weights = single_run
     out = tmp_path / "pipeline.json"
     run_driver(
-        "--backend", "pipeline", "--schedule", schedule, "--n-microbatches", 4, *extra_flags,
+        "--backend", "pipeline", "--schedule", schedule, *extra_flags,
         "--model", tiny_llama4_dir, "--steps", STEPS, "--eval-rows", 3, "--out", out,
     )
 
@@ -62,7 +71,7 @@ def test_pipeline_matches_single_process(tmp_path, tiny_llama4_dir, run_driver, 
     assert report["steps"] == STEPS
     torch.testing.assert_close(report["losses"], reference["losses"], rtol=1e-4, atol=0)
     torch.testing.assert_close(report["grad_norms"], reference["grad_norms"], rtol=1e-4, atol=0)
-    # 3 eval rows do not fill 4 micro-batches: the backend pads with untrained rows.
+    # 3 eval rows do not split evenly into pipeline micro-batches: the backend pads with untrained rows.
     assert report["eval_tokens"] == reference["eval_tokens"]
     assert report["eval_loss_sum"] == pytest.approx(reference["eval_loss_sum"], rel=1e-4)
     _assert_same_weights(reference_weights, load_file(str(out.with_suffix(".safetensors"))), atol=1e-5)
