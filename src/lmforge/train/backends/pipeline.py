@@ -333,7 +333,7 @@ class PipelineBackend(Backend):
             raise LmforgeError(
                 f"a batch of {rows} rows does not split into backend_options.n_microbatches="
                 f"{self.n_microbatches} equal pipeline micro-batches",
-                hint="make per_device_train_batch_size a multiple of n_microbatches",
+                hint="make the per-device batch size (ns.per_device_batch_size, --batch-size) a multiple of ns.n_microbatches",
             )
         if train not in self._batch_shapes:
             padded_rows = -(-rows // self.n_microbatches) * self.n_microbatches
