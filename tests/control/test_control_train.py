@@ -15,12 +15,15 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from lmforge.errors import LmforgeError
 from lmforge.train.control import JobRegistry, send_request
+
+from .conftest import _wait_for
 
 TRAIN_FLAGS = ("--max-steps", "100000", "--decay-start-step", "-1", "--save-steps", "100000")
 
@@ -78,15 +81,30 @@ class TrainRun:
         self.output.close()
 
 
-@pytest.fixture
-def start_train(repo_root, tiny_llama_dir, tmp_path, control_dir, wait_for):
+@pytest.fixture(scope="module")
+def module_control_dir():
+    """A runtime directory shared by this module's jobs (the control_dir fixture is per test)."""
+    path = Path(tempfile.mkdtemp(prefix="lmf-", dir="/tmp"))
+    previous = os.environ.get("LMFORGE_RUNTIME_DIR")
+    os.environ["LMFORGE_RUNTIME_DIR"] = str(path)
+    yield path
+    if previous is None:
+        del os.environ["LMFORGE_RUNTIME_DIR"]
+    else:
+        os.environ["LMFORGE_RUNTIME_DIR"] = previous
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def start_train(repo_root, tiny_llama_dir, tmp_path_factory, module_control_dir):
+    base = tmp_path_factory.mktemp("train")
     runs = []
 
     def start(name: str, *sets: str) -> TrainRun:
-        run_dir = tmp_path / name
+        run_dir = base / name
         if not run_dir.exists():
             shutil.copytree(tiny_llama_dir, run_dir)
-        run = TrainRun(repo_root, run_dir, wait_for, sets)
+        run = TrainRun(repo_root, run_dir, _wait_for, sets)
         runs.append(run)
         return run
 
@@ -95,29 +113,63 @@ def start_train(repo_root, tiny_llama_dir, tmp_path, control_dir, wait_for):
         run.close()
 
 
+@pytest.fixture(scope="module")
+def train_jobs(start_train) -> dict[str, TrainRun]:
+    """Every job of this module, started at once so that their start-up costs overlap."""
+    return {
+        "pipeline": start_train("pipeline", "ns.backend=pipeline", "ns.world_size=2", "ns.pipeline_schedule=1F1B"),
+        "steered": start_train("steered"),
+        "aborted": start_train("aborted"),
+        "terminated": start_train("terminated"),
+    }
+
+
 def _lr_by_step(records: list[dict]) -> dict[int, float]:
     return {r["global_step"]: r["learning_rate"] for r in records if "learning_rate" in r and "event" not in r}
 
 
-def test_train_steered_by_requests_and_signals(start_train, run_lmforge, control_dir):
-    # Three jobs start together, so their start-up costs overlap.
-    steered = start_train("steered")
-    aborted = start_train("aborted")
-    terminated = start_train("terminated")
+def test_requests_apply_on_every_rank(train_jobs):
+    """Two pipeline ranks (1F1B, one decoder layer each) apply both requests at the acknowledged step.
+
+    DDP goes through the same broadcast in the trainer; the pipeline is the case
+    where each rank saves its own scheduler state, so rank 1's can be checked.
+    """
+    import torch
+
+    run = train_jobs["pipeline"]
+    job = run.job()
+    anneal_step = send_request(job, "start-annealing", timeout=60)["step"]
+    stop_step = send_request(job, "save-stop", timeout=60)["step"]
+    assert run.wait() == 0
+
+    end = run.log_records()[-1]
+    assert end["reason"] == "save-stop"
+    assert end["global_step"] == stop_step
+    assert run.checkpoint_steps() == [stop_step]
+    checkpoint = run.run_dir / "checkpoints" / f"checkpoint-{stop_step}"
+    for rank in (0, 1):
+        state = torch.load(checkpoint / f"scheduler_rank{rank}.pt", weights_only=False)
+        assert state["triggered_decay_start_step"] == anneal_step, rank
+        assert state["last_epoch"] == stop_step, rank
+
+
+def test_train_steered_by_requests_and_signals(train_jobs, start_train, run_lmforge, module_control_dir):
+    steered, aborted, terminated = train_jobs["steered"], train_jobs["aborted"], train_jobs["terminated"]
     job = steered.job()
     abort_job = aborted.job()
     terminated.job()
 
-    # `control list` before: three running jobs, each with a 0600 socket in the 0700 directory.
+    # `control list` before: the three jobs run, each with a 0600 socket in the 0700 directory.
     listed = {entry["run_dir"]: entry for entry in json.loads(run_lmforge("control", "list", "--format", "json", check=True).stdout)}
-    assert sorted(listed) == sorted(str(run.run_dir) for run in (steered, aborted, terminated))
+    for run in (steered, aborted, terminated):
+        assert listed[str(run.run_dir)]["alive"] is True, run.run_dir
     entry = listed[str(steered.run_dir)]
     assert entry["job_id"] == job.job_id
     assert entry["alive"] is True
     assert entry["config"] == "tiny/cpu_test.yaml"
     for entry in listed.values():
         assert stat.S_IMODE(os.stat(entry["socket"]).st_mode) == 0o600
-    assert stat.S_IMODE(control_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(module_control_dir.stat().st_mode) == 0o700
 
     # status, start-annealing, save, then save-stop.
     status = send_request(job, "status", timeout=10)
@@ -166,7 +218,9 @@ def test_train_steered_by_requests_and_signals(start_train, run_lmforge, control
     assert resumed.checkpoint_steps() == [save_step, stop_step]
 
     # `control list` after: no jobs left.
-    assert json.loads(run_lmforge("control", "list", "--format", "json", check=True).stdout) == []
+    after = json.loads(run_lmforge("control", "list", "--format", "json", check=True).stdout)
+    ours = {str(run.run_dir) for run in (steered, aborted, terminated)}
+    assert [entry["job_id"] for entry in after if entry["run_dir"] in ours] == []
 
     records = resumed.log_records()
     starts = [r for r in records if r.get("event") == "start"]
@@ -191,28 +245,3 @@ def test_train_steered_by_requests_and_signals(start_train, run_lmforge, control
     # min_lr_ratio is 0.1, reached 2 annealing steps after the request, and kept after the resume.
     assert lrs[stop_step] == pytest.approx(0.1 * peak)
     assert lrs[stop_step + 1] == pytest.approx(0.1 * peak)
-
-
-def test_requests_apply_on_every_rank(start_train):
-    """Two pipeline ranks (1F1B, one decoder layer each) apply both requests at the acknowledged step.
-
-    DDP goes through the same broadcast in the trainer; the pipeline is the case
-    where each rank saves its own scheduler state, so rank 1's can be checked.
-    """
-    import torch
-
-    run = start_train("pipeline", "ns.backend=pipeline", "ns.world_size=2", "ns.pipeline_schedule=1F1B")
-    job = run.job()
-    anneal_step = send_request(job, "start-annealing", timeout=60)["step"]
-    stop_step = send_request(job, "save-stop", timeout=60)["step"]
-    assert run.wait() == 0
-
-    end = run.log_records()[-1]
-    assert end["reason"] == "save-stop"
-    assert end["global_step"] == stop_step
-    assert run.checkpoint_steps() == [stop_step]
-    checkpoint = run.run_dir / "checkpoints" / f"checkpoint-{stop_step}"
-    for rank in (0, 1):
-        state = torch.load(checkpoint / f"scheduler_rank{rank}.pt", weights_only=False)
-        assert state["triggered_decay_start_step"] == anneal_step, rank
-        assert state["last_epoch"] == stop_step, rank
