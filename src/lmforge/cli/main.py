@@ -85,7 +85,8 @@ def run() -> None:
     """Run the CLI, reporting `LmforgeError` as one line with exit status 2."""
     debug = "--debug" in sys.argv
     try:
-        app(standalone_mode=False)
+        # Without standalone mode, typer returns the code of `raise typer.Exit(code)` instead of exiting.
+        exit_code = app(standalone_mode=False)
     except LmforgeError as exc:
         if debug:
             raise
@@ -110,6 +111,7 @@ def run() -> None:
             raise
         typer.echo(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
         sys.exit(1)
+    sys.exit(exit_code if isinstance(exit_code, int) else 0)
 
 
 if __name__ == "__main__":
