@@ -240,6 +240,7 @@ class TextGenerationCallback(TrainerCallback):
                         "stopped": stopped,
                     }
                     out.write(json.dumps(record) + "\n")
+                    out.flush()
                     if trainer.tensorboard is not None:
                         trainer.tensorboard.log_text(f"eval_generations/{name}", response, trainer.global_step)
         finally:
