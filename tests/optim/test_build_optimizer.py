@@ -120,3 +120,29 @@ def test_invalid_arguments_raise(llama, kwargs, message):
     with pytest.raises(LmforgeError) as info:
         build_optimizer(llama.named_parameters(), **{"lr": 1e-3, **kwargs})
     assert message in str(info.value)
+
+
+def test_adamw_fused_by_default():
+    model = torch.nn.Linear(4, 4)
+    optimizer = build_optimizer(model.named_parameters(), name="adamw", lr=1e-3)
+    assert optimizer.defaults["fused"] is True
+
+    unfused = build_optimizer(model.named_parameters(), name="adamw", lr=1e-3, foreach=False)
+    assert not unfused.defaults.get("fused")
+
+
+def test_fused_adamw_matches_unfused_step():
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(8, 8)
+    fused_model = torch.nn.Linear(8, 8)
+    fused_model.load_state_dict(reference.state_dict())
+    unfused = build_optimizer(reference.named_parameters(), name="adamw", lr=1e-2, foreach=False)
+    fused = build_optimizer(fused_model.named_parameters(), name="adamw", lr=1e-2)
+    batch = torch.randn(16, 8)
+    for model, optimizer in ((reference, unfused), (fused_model, fused)):
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(batch).pow(2).mean().backward()
+            optimizer.step()
+    for expected, actual in zip(reference.parameters(), fused_model.parameters()):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)

@@ -81,7 +81,8 @@ def build_optimizer(
         no_decay: name substrings (case-insensitive) of parameters trained without weight
             decay; `()` decays every parameter.
         **kwargs: passed to the optimizer class, e.g. `betas=(0.9, 0.95)` for AdamW or
-            `beta2_decay=-0.8` for Adafactor.
+            `beta2_decay=-0.8` for Adafactor. AdamW runs fused unless `fused` or
+            `foreach` is given.
     """
     key = str(name).lower()
     if key not in OPTIMIZERS:
@@ -95,6 +96,12 @@ def build_optimizer(
 
     groups = split_decay_groups(named_parameters, float(weight_decay), no_decay)
     optimizer_class = torch.optim.Adafactor if key == "adafactor" else torch.optim.AdamW
+    if optimizer_class is torch.optim.AdamW and "fused" not in kwargs and "foreach" not in kwargs:
+        # One fused kernel per step instead of a dozen element-wise passes over every tensor;
+        # torch supports it for floating-point parameters on CPU (since 2.4) and CUDA.
+        devices = {p.device.type for group in groups for p in group["params"]}
+        if devices <= {"cpu", "cuda"}:
+            kwargs["fused"] = True
     try:
         optimizer = optimizer_class(groups, lr=float(lr), **kwargs)
     except TypeError as exc:
