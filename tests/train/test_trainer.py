@@ -11,6 +11,7 @@ import torch
 from lmforge.train import checkpoints as ckpt
 from lmforge.train.callbacks import TrainerCallback, read_json_log
 from lmforge.train.loss import CausalLMLoss
+from lmforge.train.trainer import _enable_activation_checkpointing
 from .train_helpers import build_trainer, collate, make_rows
 
 
@@ -262,7 +263,8 @@ def test_activation_checkpointing_same_gradients(tiny_llama_dir):
     for checkpointing in (False, True):
         model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _enable_activation_checkpointing(model)
+            assert model.is_activation_checkpointing
         backend = SingleDeviceBackend({"device": "cpu"}, mixed_precision="fp32")
         backend.prepare(model)
         backend.forward_backward([batch], num_tokens)

@@ -281,7 +281,7 @@ class Trainer:
         if self._resume_checkpoint is not None:
             ckpt.load_model_weights(model, self._resume_checkpoint)
         if args.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _enable_activation_checkpointing(model)
         if args.torch_compile:
             # Compile each decoder layer in place, as torchtitan does. Parameter names stay
             # unchanged, so checkpoints, DDP and pipeline splits see the same model.
@@ -864,6 +864,15 @@ def _scaled_interval(steps: int, cadence: float) -> int:
 
 def _finite_or_none(value: float) -> Optional[float]:
     return value if math.isfinite(value) else None
+
+
+def _enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer in the backward pass (non-reentrant torch checkpointing)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        # transformers 5.x name; `gradient_checkpointing_enable` is deprecated there.
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _none_to_inf(value: Optional[float]) -> float:
