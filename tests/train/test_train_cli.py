@@ -231,6 +231,9 @@ def test_sigint_saves_then_second_aborts(repo_root, tiny_llama_dir, tmp_path):
         command = [sys.executable, "-m", "lmforge.cli.main", "-p", str(repo_root / "configs" / "open_orca"),
                    "-t", "tiny/cpu_test.yaml", "train", "-M", str(run_dir), "--max-steps", "100000",
                    "--decay-start-step", "-1", "--save-steps", "100000"]
+        if name == "twice":
+            # Long steps (4 x 1024 tokens), so no step boundary falls between the two signals.
+            command += ["--seq-len", "1024", "--batch-size", "4"]
         processes[name] = (run_dir, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                                      text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}))
     for run_dir, process in processes.values():
@@ -239,7 +242,7 @@ def test_sigint_saves_then_second_aborts(repo_root, tiny_llama_dir, tmp_path):
     processes["once"][1].send_signal(signal.SIGINT)
     processes["twice"][1].send_signal(signal.SIGINT)
     # Far shorter than a step, and long enough that the two signals are not merged into one.
-    time.sleep(0.1)
+    time.sleep(0.02)
     processes["twice"][1].send_signal(signal.SIGINT)
     outputs = {name: process.communicate(timeout=240)[0] for name, (_, process) in processes.items()}
 
