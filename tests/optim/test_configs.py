@@ -258,3 +258,36 @@ def test_optimizer_and_clipping_from_namespace(project_dir, tmp_path):
     args = config.construct("training_args", run_dir=str(tmp_path))
     assert args.max_grad_norm == 1.0
     assert load(project_dir, "tiny/cpu_test.yaml").construct("training_args", run_dir=str(tmp_path)).max_grad_norm is None
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("ns.seq_len=abc", "invalid ns.seq_len abc: must be a positive integer"),
+        ("ns.seq_len=-5", "invalid ns.seq_len -5"),
+        ("ns.per_device_batch_size=0", "invalid ns.per_device_batch_size 0"),
+        ("ns.gradient_accumulation_steps=0", "invalid ns.gradient_accumulation_steps 0"),
+        ("ns.lr=-1", "invalid ns.lr -1: must be a positive number"),
+        ("ns.max_steps=0", "invalid ns.max_steps 0"),
+        ("ns.total_tokens=-7", "invalid ns.total_tokens -7"),
+        ("ns.annealing_tokens=-1", "invalid ns.annealing_tokens -1"),
+        ("ns.packing_efficiency=1.5", "invalid ns.packing_efficiency 1.5"),
+        ("ns.min_lr_ratio=2", "invalid ns.min_lr_ratio 2"),
+        ("ns.decay_start_step=-2", "invalid ns.decay_start_step -2"),
+    ],
+)
+def test_invalid_budget_values_rejected(project_dir, override, message):
+    with pytest.raises(LmforgeError) as excinfo:
+        load_config("tiny/cpu_test.yaml", project_dir=project_dir, sets=[override])
+    assert message in str(excinfo.value)
+    assert "finetune.yaml" in str(excinfo.value)
+
+
+def test_no_budget_values_accepted(project_dir):
+    config = load_config(
+        "tiny/cpu_test.yaml",
+        project_dir=project_dir,
+        sets=["ns.total_tokens=-1", "ns.max_steps=-1", "ns.decay_start_step=-1"],
+    )
+    assert config.namespace["total_steps"] == -1
+    assert config.namespace["max_steps"] == -1
