@@ -111,6 +111,30 @@ def train_command(repo: Path, model_dir: Path, run_dir: Path, steps: int) -> lis
     ]
 
 
+def prepare_run_dir(run_dir: Path, fresh: bool = False) -> None:
+    """Raise when RUN_DIR already contains checkpoints or runs; with FRESH, delete RUN_DIR first.
+
+    A second quickstart into the same DIR would otherwise leave the old
+    checkpoints beside the new ones, and `lmforge inf server -c` would serve
+    whichever has the higher step. DIR/model is never touched here.
+    """
+    import shutil
+
+    if not run_dir.exists():
+        return
+    if fresh:
+        logger.info("Deleting the earlier run in %s (--fresh)", run_dir)
+        shutil.rmtree(run_dir)
+        return
+    existing = [name for name in ("checkpoints", "runs") if (run_dir / name).is_dir() and any((run_dir / name).iterdir())]
+    if existing:
+        raise LmforgeError(
+            f"{run_dir} already contains an earlier quickstart run ({' and '.join(existing)})",
+            hint=f"pass --fresh to delete {run_dir} and train again (the model directory is kept), "
+            "or give another DIR",
+        )
+
+
 def _run_names(run_dir: Path) -> set[str]:
     runs = run_dir / "runs"
     return {path.name for path in runs.iterdir() if path.is_dir()} if runs.is_dir() else set()
@@ -122,8 +146,12 @@ def run_quickstart(
     model: Optional[Path] = None,
     find_links: Optional[Path] = None,
     echo: Callable[[str], None] = print,
+    fresh: bool = False,
 ) -> QuickstartResult:
-    """Fetch (or reuse) the model, train STEPS steps through `lmforge train`, and summarise the run."""
+    """Fetch (or reuse) the model, train STEPS steps through `lmforge train`, and summarise the run.
+
+    DIR/run must be empty or absent; FRESH deletes it first (see `prepare_run_dir`).
+    """
     from lmforge.logs.reader import read_trainer_log
     from lmforge.logs.summary import format_summaries, summarize
     from lmforge.train.checkpoints import list_checkpoints
@@ -133,6 +161,9 @@ def run_quickstart(
     started = time.time()
     repo = find_repository()
     directory = directory.resolve()
+    run_dir = directory / "run"
+    if not fresh:
+        prepare_run_dir(run_dir)  # Fail before any download.
     directory.mkdir(parents=True, exist_ok=True)
 
     if model is not None:
@@ -151,7 +182,8 @@ def run_quickstart(
         if not fetched:
             echo(f"      {model_dir} already holds a model; skipping the download")
 
-    run_dir = directory / "run"
+    if fresh:
+        prepare_run_dir(run_dir, fresh=True)
     command = train_command(repo, model_dir, run_dir, steps)
     echo(f"[2/3] Training {steps} steps on {repo / SAMPLE_DATA} (CPU)")
     before = _run_names(run_dir)

@@ -108,3 +108,33 @@ def test_missing_checkout_names_the_fix(monkeypatch, tmp_path):
     assert "pip install -e ." in info.value.hint
     # From inside a clone it is found again, whatever the package location.
     assert find_repository(start=Path(__file__).parent) == Path(__file__).resolve().parents[2]
+
+
+def test_quickstart_rerun_needs_fresh(run_lmforge, tiny_llama_dir, tmp_path):
+    """A second quickstart into the same DIR must not mix its checkpoints with the first run's."""
+    old_checkpoint = tmp_path / "qs" / "run" / "checkpoints" / "checkpoint-30"
+    old_checkpoint.mkdir(parents=True)
+    proc = run_lmforge("quickstart", tmp_path / "qs", "--model", tiny_llama_dir, "--steps", "2", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"error: {tmp_path / 'qs' / 'run'} already contains an earlier quickstart run (checkpoints)" in proc.stderr
+    assert "--fresh" in proc.stderr
+    assert "another DIR" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "[2/3] Training" not in proc.stdout
+    assert old_checkpoint.is_dir()
+
+
+def test_fresh_keeps_model(tiny_llama_dir, tmp_path):
+    from lmforge.quickstart import prepare_run_dir
+
+    shutil.copytree(tiny_llama_dir, tmp_path / "model")
+    run_dir = tmp_path / "run"
+    (run_dir / "runs" / "old").mkdir(parents=True)
+    with pytest.raises(LmforgeError, match=r"already contains an earlier quickstart run \(runs\)"):
+        prepare_run_dir(run_dir)
+    prepare_run_dir(run_dir, fresh=True)
+    assert not run_dir.exists()
+    assert (tmp_path / "model" / "config.json").is_file()
+    prepare_run_dir(run_dir)  # An absent run directory passes.
+    (run_dir / "checkpoints").mkdir(parents=True)
+    prepare_run_dir(run_dir)  # Empty folders from an aborted start are no earlier run.
