@@ -85,3 +85,10 @@ def test_misspelled_set_key_cli(run_lmforge, sample_project):
     assert result.returncode == 2
     assert "override key ns.seqlen is not used by config small.yaml" in result.stderr
     assert "did you mean ns.seq_len" in result.stderr
+
+
+def test_ls_missing_project_dir_fails(run_lmforge, tmp_path):
+    result = run_lmforge("-p", tmp_path / "nope", "ls")
+    assert result.returncode == 2
+    assert f"error: -p {tmp_path / 'nope'}: directory not found" in result.stderr
+    assert "no projects" not in result.stdout

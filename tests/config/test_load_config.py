@@ -255,3 +255,17 @@ def test_invalid_tag_use_points_at_source(make_project):
     message = str(raised.value)
     assert "!var has no variable name" in message
     assert "(from templates/t.yaml:2)" in message
+
+
+def test_config_without_project_suggests_p(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LmforgeError) as raised:
+        load_config("smollm2_135m/cpu_default.yaml")
+    assert f"no project (a directory with meta.yaml) at or above {tmp_path}" in raised.value.message
+    assert "-p configs/open_orca" in raised.value.hint
+    # From a checkout's root the hint names the projects under ./configs.
+    (tmp_path / "configs" / "demo").mkdir(parents=True)
+    (tmp_path / "configs" / "demo" / "meta.yaml").write_text("name: demo\n")
+    with pytest.raises(LmforgeError) as raised:
+        load_config("missing.yaml")
+    assert raised.value.hint == "pass the project directory with -p, e.g. -p configs/demo"

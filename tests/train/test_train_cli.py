@@ -56,6 +56,7 @@ def test_train_resume_logs_tensorboard(run_lmforge, repo_root, run_dir):
     assert len(generations) == 2 * 12  # evals at steps 2 and 4, 12 prompts each
     assert {record["global_step"] for record in generations} == {2, 4}
     assert all(record["num_tokens"] <= 4 for record in generations)
+    assert "Eval response 12/12" in first.stderr
 
     second = _train(run_lmforge, repo_root, run_dir, "--max-steps", "6", "--step-cadence", "0.4")
     assert second.returncode == 0, second.stderr[-3000:]
@@ -142,6 +143,8 @@ def test_check_model_dir_missing(tmp_path, check_cli):
     status, err = check_cli(tmp_path / "nothing")
     assert status == 2
     assert "model directory not found" in err
+    assert "lmforge model fetch-demo DIR" in err
+    assert "--model DIR" in err
 
 
 def test_check_not_a_model(tmp_path, check_cli):

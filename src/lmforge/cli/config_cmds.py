@@ -23,6 +23,11 @@ def ls(ctx: typer.Context) -> None:
 
     opts = global_options(ctx)
     root = Path(opts.project) if opts.project else Path.cwd()
+    if not root.is_dir():
+        from lmforge.errors import LmforgeError
+
+        problem = "is not a directory" if root.exists() else "not found"
+        raise LmforgeError(f"-p {root}: directory {problem}", hint="pass -p with an existing directory, e.g. -p configs/open_orca")
     listing = list_projects(root)
     if not listing:
         typer.echo(f"no projects (directories with meta.yaml) under {root.resolve()}")

@@ -92,6 +92,14 @@ class Config:
         return f"Config(name={self.name!r}, targets={self.targets!r})"
 
 
+def _project_hint() -> str:
+    """Return a hint naming the projects under ./configs, or the repository's Open-Orca project."""
+    nearby = sorted(path.parent for path in Path("configs").glob("*/meta.yaml"))
+    if nearby:
+        return "pass the project directory with -p, e.g. " + ", ".join(f"-p {path}" for path in nearby[:3])
+    return "pass the project directory with -p, e.g. -p configs/open_orca from the lmforge repository root"
+
+
 def resolve_config_path(config: str | Path | None, project_dir: str | Path | None) -> tuple[Path, Project | None]:
     """Find the config file and its project (None when the file is in no project)."""
     project: Project | None = None
@@ -121,6 +129,11 @@ def resolve_config_path(config: str | Path | None, project_dir: str | Path | Non
         close = difflib.get_close_matches(str(config), known, n=3, cutoff=0.5)
         where = f" in {project.config_dir}" if project else ""
         hint = f"did you mean {', '.join(close)}?" if close else "list the configs with `lmforge ls`"
+        if project is None and project_dir is None:
+            raise LmforgeError(
+                f"config {str(config)!r} not found: no project (a directory with meta.yaml) at or above {Path.cwd()}",
+                hint=_project_hint(),
+            )
         raise LmforgeError(f"config {str(config)!r} not found{where}", hint=hint)
 
     if project is None or not _is_relative_to(path, project.dir):

@@ -128,6 +128,12 @@ def _check_devices(request: LaunchRequest) -> None:
 def _check_model(model_dir: Path, namespace: Mapping[str, Any]) -> None:
     from lmforge.models.model_dir import check_model_dir, read_model_config
 
+    if not model_dir.exists():
+        raise LmforgeError(
+            f"model directory not found: {model_dir}",
+            hint="make one with `lmforge model fetch-demo DIR` (or `lmforge convert SRC DIR`), "
+            "then train with -M DIR, or keep -M for the run and pass --model DIR",
+        )
     check_model_dir(model_dir)
     model_config = read_model_config(model_dir)
     max_positions = model_config.get("max_position_embeddings")
