@@ -208,7 +208,9 @@ class TextGenerationCallback(TrainerCallback):
             return
         import torch
 
-        stop_ids = _stop_token_ids(trainer.tokenizer, getattr(model, "generation_config", None))
+        from lmforge.models.stop_tokens import stop_token_ids
+
+        stop_ids = stop_token_ids(trainer.tokenizer, getattr(model, "generation_config", None))
         pad_id = trainer.tokenizer.pad_token_id
         if pad_id is None:
             pad_id = stop_ids[0] if stop_ids else 0
@@ -216,6 +218,10 @@ class TextGenerationCallback(TrainerCallback):
         model.eval()
         out_path = trainer.run_dir / "eval_generations.jsonl"
         started = time.time()
+        logger.info(
+            "Step %d: generating %d eval responses (at most %d tokens each); set ns.eval_prompts_file=null to skip",
+            trainer.global_step, len(self.prompts), self.max_new_tokens,
+        )
         try:
             with open(out_path, "a") as out, torch.no_grad(), trainer.backend.autocast():
                 for number, prompt in enumerate(self.prompts):
@@ -243,28 +249,14 @@ class TextGenerationCallback(TrainerCallback):
                     out.flush()
                     if trainer.tensorboard is not None:
                         trainer.tensorboard.log_text(f"eval_generations/{name}", response, trainer.global_step)
+                    logger.info(
+                        "Eval response %d/%d (%s): %d tokens, %s, %.1f s so far",
+                        number + 1, len(self.prompts), name, len(new_tokens),
+                        "stopped at a stop token" if stopped else "hit max_new_tokens", time.time() - started,
+                    )
         finally:
             model.train(was_training)
         logger.info(
             "Generated %d eval responses at step %d in %.1f s; written to %s",
             len(self.prompts), trainer.global_step, time.time() - started, out_path,
         )
-
-
-def _stop_token_ids(tokenizer, generation_config=None) -> list[int]:
-    try:
-        from lmforge.models.stop_tokens import stop_token_ids
-    except ImportError:
-        ids = []
-        eos = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
-        if eos is None:
-            eos = tokenizer.eos_token_id
-        if isinstance(eos, list):
-            ids.extend(eos)
-        elif eos is not None:
-            ids.append(eos)
-        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in ids:
-            ids.append(im_end)
-        return ids
-    return stop_token_ids(tokenizer, generation_config)
