@@ -71,6 +71,8 @@ def test_find_logs_from_each_path_kind(model_dir):
     assert find_trainer_logs([log_file.parent]) == [log_file]
     assert find_trainer_logs([model_dir / "runs"]) == [log_file, second / "trainer_logs.json"]
     assert find_trainer_logs([model_dir]) == [log_file, second / "trainer_logs.json"]
+    # A quickstart DIR keeps its logs three levels down, in DIR/run/runs/NAME.
+    assert find_trainer_logs([model_dir.parent]) == [log_file, second / "trainer_logs.json"]
 
     empty_dir = model_dir.parent / "empty"
     empty_dir.mkdir()

@@ -144,3 +144,13 @@ def test_cli_errors(tmp_path, run_lmforge):
     bad_format = run_lmforge("logs", "summary", "--format", "csv", empty)
     assert "invalid --format 'csv'" in bad_format.stderr
 
+
+
+def test_cli_quickstart_dir_one_rank(model_dir, run_lmforge):
+    """`logs summary DIR` on a quickstart-shaped DIR (DIR/run/runs/NAME) finds the log; one rank is singular."""
+    log_file = model_dir / "runs" / "first" / "trainer_logs.json"
+    log_file.write_text(log_file.read_text().replace('"world_size": 2', '"world_size": 1'))
+    quickstart_dir = model_dir.parent
+    text = run_lmforge("logs", "summary", quickstart_dir, check=True).stdout
+    assert "(per-device 4, 1 rank, accumulation 2)" in text
+    assert "1 ranks" not in text

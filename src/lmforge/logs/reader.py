@@ -152,12 +152,17 @@ def _skip_whitespace(text: str, position: int) -> int:
     return position
 
 
+MAX_LOG_DEPTH = 3
+"""How many directory levels below a path `find_trainer_logs` searches (DIR/run/runs/NAME is 3)."""
+
+
 def find_trainer_logs(paths: list[str | Path]) -> list[Path]:
     """Expand each path into `trainer_logs.json` files.
 
-    A path may be the file itself, a run directory (`runs/NAME/`), a `runs/`
-    directory, or a model directory with `runs/*/`. Raise `LmforgeError` for a path
-    that does not exist or contains no log.
+    A path may be the file itself, or a directory with logs up to three levels
+    down: a run directory (`runs/NAME/`), a `runs/` directory, a model directory
+    with `runs/*/`, or a directory above one (a quickstart DIR has `run/runs/*/`).
+    Raise `LmforgeError` for a path that does not exist or contains no log.
     """
     found: list[Path] = []
     for raw in paths:
@@ -167,12 +172,14 @@ def find_trainer_logs(paths: list[str | Path]) -> list[Path]:
             continue
         if not path.exists():
             raise LmforgeError(f"log path not found: {path}", hint=f"pass a {LOG_FILE_NAME}, a run directory or a model directory")
-        candidates = [path / LOG_FILE_NAME, *sorted(path.glob(f"*/{LOG_FILE_NAME}")), *sorted(path.glob(f"runs/*/{LOG_FILE_NAME}"))]
+        candidates = [path / LOG_FILE_NAME]
+        for depth in range(1, MAX_LOG_DEPTH + 1):
+            candidates += sorted(path.glob("*/" * depth + LOG_FILE_NAME))
         logs = [candidate for candidate in candidates if candidate.is_file()]
         if not logs:
             raise LmforgeError(
-                f"no {LOG_FILE_NAME} found in {path}",
-                hint=f"expected {path}/{LOG_FILE_NAME}, {path}/*/{LOG_FILE_NAME} or {path}/runs/*/{LOG_FILE_NAME}",
+                f"no {LOG_FILE_NAME} found in {path} or up to {MAX_LOG_DEPTH} levels below it",
+                hint=f"pass a run directory, e.g. {path}/runs/NAME, or a directory above its runs/ directory",
             )
         found.extend(logs)
     return list(dict.fromkeys(found))

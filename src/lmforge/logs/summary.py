@@ -210,7 +210,7 @@ def summary_rows(summary: RunSummary) -> list[tuple[str, str]]:
     if s.effective_batch_size is not None:
         parts = [
             f"per-device {s.per_device_train_batch_size}" if s.per_device_train_batch_size is not None else None,
-            f"{s.world_size} ranks" if s.world_size is not None else None,
+            f"{s.world_size} {'rank' if s.world_size == 1 else 'ranks'}" if s.world_size is not None else None,
             f"accumulation {s.gradient_accumulation_steps}" if s.gradient_accumulation_steps is not None else None,
         ]
         # No multiplication sign: pipeline ranks share one batch, so world size is not a factor there.
