@@ -7,21 +7,11 @@ import pytest
 from lmforge.optim.budget import compute_token_budget
 from lmforge.optim.plan import TRAIN_FLAG_HELP, TRAIN_FLAG_TO_NS, format_plan, train_flag_sets
 
+from .test_budget import REFERENCE
+
 
 def reference_namespace(**changes) -> dict:
-    inputs = dict(
-        total_tokens=1_000_000_000,
-        annealing_tokens=200_000_000,
-        warmup_tokens=20_000_000,
-        world_size=4,
-        per_device_batch_size=4,
-        gradient_accumulation_steps=1,
-        seq_len=2048,
-        packing_efficiency=0.95,
-        lr=1e-4,
-        base_batch_size=16384,
-        min_lr_ratio=0.1,
-    )
+    inputs = dict(REFERENCE)
     inputs.update(changes)
     budget = compute_token_budget(**inputs)
     namespace = dict(inputs, **budget.as_dict())
