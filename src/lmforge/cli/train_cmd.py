@@ -17,7 +17,8 @@ from lmforge.cli.context import global_options
 
 
 def register(app: typer.Typer) -> None:
-    app.command("train")(train)
+    # Unknown options are the project's own flags (meta.yaml `flags`), checked in the command.
+    app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(train)
 
 
 def train(
@@ -49,8 +50,11 @@ def train(
     """Fine-tune the config's model: checks first, then torchrun with one process per device.
 
     Example: `lmforge -t smollm2_135m/cpu_default.yaml train -M runs/smol --max-steps 30`.
+    The project's meta.yaml may declare more flags (`flags:`), e.g. `--warmup-tokens 2e7`.
     """
     from lmforge.config import load_config
+    from lmforge.config.config import resolve_config_path
+    from lmforge.config.flags import declared_flag_sets
     from lmforge.errors import LmforgeError
     from lmforge.optim.plan import format_plan, train_flag_sets
     from lmforge.train import launcher
@@ -70,8 +74,9 @@ def train(
         "--start-annealing": start_annealing, "--lr": lr, "--max-steps": max_steps, "--seq-len": seq_len,
         "--batch-size": batch_size,
     }
-    sets = list(opts.sets) + train_flag_sets(flag_values)
     config_name = _config_name(opts)
+    _, project = resolve_config_path(config_name, opts.project)
+    sets = list(opts.sets) + declared_flag_sets(project, ctx.args) + train_flag_sets(flag_values)
     config = load_config(config_name, project_dir=opts.project, sets=sets)
     namespace = config.namespace
 

@@ -7,6 +7,8 @@ meta.yaml keys (all optional):
     config_dir: configs            # where `-t CONFIG` is looked up, relative to the project
     default_config: smoke.yaml     # used when no `-t` is given
     template_dirs: [templates]     # project template directories, searched first
+    flags:                         # `train --NAME VALUE` flags, each setting a namespace key
+      warmup-tokens: ns.warmup_tokens
 
 The workspace file `lmforge_workspace.yaml`, found by walking up from the project
 directory, lists more template directories, relative to the workspace file:
@@ -45,6 +47,8 @@ class Project:
     workspace_file: Path | None = None
     workspace_dirs: list[Path] = field(default_factory=list)
     """Template directories that the workspace file lists."""
+    flags: dict[str, str] = field(default_factory=dict)
+    """Command-line flags the project declares (meta.yaml `flags`): flag name without `--` -> `ns.KEY`."""
 
     def search_path(self) -> list[Path]:
         """Return the template search path: project templates, the config directory, workspace templates."""
@@ -127,7 +131,7 @@ def _string_list(value: Any, path: Path, key: str) -> list[str]:
     raise LmforgeError(f"{path}: {key} must be a list of directory names, got {value!r}")
 
 
-_META_KEYS = {"name", "description", "config_dir", "default_config", "template_dirs"}
+_META_KEYS = {"name", "description", "config_dir", "default_config", "template_dirs", "flags"}
 
 
 def workspace_template_dirs(start: Path) -> tuple[Path | None, list[Path]]:
@@ -172,4 +176,19 @@ def load_project(project_dir: str | Path) -> Project:
         template_dirs=[d for d in template_dirs if d.is_dir() or "template_dirs" in meta],
         workspace_file=workspace,
         workspace_dirs=workspace_dirs,
+        flags=_declared_flags(meta.get("flags"), meta_path),
     )
+
+
+def _declared_flags(value: Any, path: Path) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise LmforgeError(f"{path}: flags must be a mapping of flag name to ns.KEY, got {value!r}")
+    flags = {}
+    for name, key in value.items():
+        name = str(name).removeprefix("--")
+        if not isinstance(key, str) or not key.startswith("ns.") or len(key) <= 3:
+            raise LmforgeError(f"{path}: flag {name!r} maps to {key!r}, expected a namespace key such as ns.warmup_tokens")
+        flags[name] = key
+    return flags
