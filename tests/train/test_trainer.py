@@ -312,3 +312,23 @@ def test_divergence_detector_spike_and_recovery():
     restored.load_state_dict(detector.state_dict())
     assert restored.loss_average == detector.loss_average
     assert restored.grad_norm_average == detector.grad_norm_average
+
+
+def test_torch_compile_matches_eager(tiny_llama_dir, tmp_path):
+    """`torch_compile` compiles each decoder layer and trains to the same losses as eager mode."""
+    rows = make_rows(8)
+    losses = {}
+    for compiled in (False, True):
+        recorder = StepRecorder()
+        trainer = build_trainer(
+            tiny_llama_dir, tmp_path / f"run-{compiled}", rows, callbacks=[recorder],
+            max_steps=2, save_strategy="no", torch_compile=compiled,
+        )
+        trainer.train()
+        losses[compiled] = [loss for _, loss, _ in recorder.steps]
+        if compiled:
+            layers = trainer.backend.hf_model.get_decoder().layers
+            assert all(layer._compiled_call_impl is not None for layer in layers)
+    assert len(losses[True]) == 2
+    for eager, compiled in zip(losses[False], losses[True]):
+        assert compiled == pytest.approx(eager, rel=1e-4)

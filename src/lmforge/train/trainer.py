@@ -285,7 +285,6 @@ class Trainer:
         if args.torch_compile:
             # Compile each decoder layer in place, as torchtitan does. Parameter names stay
             # unchanged, so checkpoints, DDP and pipeline splits see the same model.
-            # NOTE: not exercised by the test suite (compiling takes minutes on CPU).
             for layer in model.get_decoder().layers:
                 layer.compile()
         self.backend.prepare(model)
