@@ -64,7 +64,20 @@ def test_epoch_restarts_after_exhaustion(tmp_path, orca_jsonl, tiny_tokenizer):
     first_epoch = list(dataset)
     second_epoch = list(dataset)
     assert dataset.epoch == 2
-    assert first_epoch == second_epoch
+    # Each epoch packs the same rows; the shuffle seed includes the epoch, so their order differs.
+    assert sorted(row["input_ids"] for row in first_epoch) == sorted(row["input_ids"] for row in second_epoch)
+    assert [row["input_ids"] for row in first_epoch] != [row["input_ids"] for row in second_epoch]
+
+
+def test_packed_rows_shuffled_within_buffer(tmp_path, orca_jsonl, tiny_tokenizer):
+    path = tmp_path / "head.jsonl"
+    path.write_text("".join(orca_jsonl.read_text().splitlines(keepends=True)[:150]))
+    ordered = list(make_dataset(path, tiny_tokenizer, max_length=1024, shuffle=False))
+    shuffled = list(make_dataset(path, tiny_tokenizer, max_length=1024))
+    assert sorted(row["input_ids"] for row in shuffled) == sorted(row["input_ids"] for row in ordered)
+    # Without the shuffle, best-fit decreasing yields the row with the longest document first.
+    assert max(ordered[0]["seq_lens"]) == max(max(row["seq_lens"]) for row in ordered)
+    assert [row["input_ids"] for row in shuffled] != [row["input_ids"] for row in ordered]
 
 
 def _count_rows_on_rank(rank, world_size, init_file, path, tokenizer_dir, results_dir):

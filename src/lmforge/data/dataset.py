@@ -25,6 +25,7 @@ trainer call `set_shard(rank, world_size)`, iterate, and collate with
 from __future__ import annotations
 
 import logging
+import random
 from collections import Counter, deque
 from typing import Any, Iterator
 
@@ -55,7 +56,9 @@ class ChatDataset(IterableDataset):
     documents are packed by best-fit decreasing into rows of at most
     `max_length` tokens. Rows filled below `carry_over_below` go back into the
     next buffer once, so only the stream's end leaves a short row. With
-    `packing=False`, each row holds one document.
+    `shuffle=True` (default), each buffer's packed rows are yielded in a seeded random
+    order instead of longest documents first. With `packing=False`, each row holds one
+    document.
 
     Documents longer than `max_length` follow `overflow`: `truncate` keeps the
     first `max_length` tokens, `split` cuts them into `max_length` pieces (each
@@ -67,7 +70,8 @@ class ChatDataset(IterableDataset):
 
     Checkpoint behaviour: `state_dict()` contains the row reader's state (source
     position, shard, skip counts), the packer's buffer (tokenized documents not
-    yet packed), the rows packed but not yet yielded, the epoch and `stats`.
+    yet packed), the rows packed but not yet yielded, the epoch, the count of buffers
+    packed in it (the shuffle seed's input) and `stats`.
     Tokenizer, max_length and every other setting come from the constructor on
     load, so load a state only into a dataset built with the same settings.
     """
@@ -76,7 +80,7 @@ class ChatDataset(IterableDataset):
                  buffer_size: int = 1024, carry_over_below: float = 0.98, overflow: str = "split",
                  chat_template: str | None = None, add_bos: bool = True, add_eos: bool = True,
                  train_on: str = "all", pad_to: str | None = None, sync_ranks: bool = True,
-                 epoch_end: str | None = None):
+                 epoch_end: str | None = None, shuffle: bool = True, shuffle_seed: int = 0):
         super().__init__()
         if overflow not in OVERFLOW_POLICIES:
             raise LmforgeError(f"invalid overflow {overflow!r}", hint=f"use one of: {', '.join(OVERFLOW_POLICIES)}")
@@ -102,6 +106,9 @@ class ChatDataset(IterableDataset):
             epoch_end = "pad" if self.rows.split == "validation" else "min"
         self.epoch_end = epoch_end
         self.epoch = 0
+        self.shuffle = bool(shuffle)
+        self.shuffle_seed = int(shuffle_seed)
+        self._packed_buffers = 0  # buffers packed so far this epoch; seeds each buffer's row shuffle
         self.stats: Counter[str] = Counter()
         self._buffer: list[tuple[Document, bool]] = []  # (document, already carried over once)
         self._ready: deque[list[Document]] = deque()  # packed rows not yet yielded
@@ -199,6 +206,7 @@ class ChatDataset(IterableDataset):
             self.stats["rows"], self.fill_efficiency(),
         )
         self.epoch += 1
+        self._packed_buffers = 0
         self.rows.reset()
         self._buffer.clear()
         self._ready.clear()
@@ -261,13 +269,22 @@ class ChatDataset(IterableDataset):
         carried = [was_carried for _, was_carried in self._buffer]
         bins = best_fit_decreasing([len(d.input_ids) for d in documents], self.max_length)
         carry: list[tuple[Document, bool]] = []
+        packed_rows: list[list[Document]] = []
         for items in bins:
             used = sum(len(documents[i].input_ids) for i in items)
             can_carry = not final and all(not carried[i] for i in items) and len(carry) + len(items) < self.buffer_size // 2
             if can_carry and used < self.carry_over_below * self.max_length:
                 carry.extend((documents[i], True) for i in items)
             else:
-                self._ready.append([documents[i] for i in items])
+                packed_rows.append([documents[i] for i in items])
+        if self.shuffle:
+            # Best-fit decreasing emits the longest documents first; without a shuffle each
+            # buffer's steps would see documents ordered by length. The seed depends only on
+            # (shuffle_seed, epoch, buffer count), which the state contains, so a resume repeats it.
+            seed = (self.shuffle_seed * 1_000_003 + self.epoch) * 1_000_003 + self._packed_buffers
+            random.Random(seed).shuffle(packed_rows)
+        self._packed_buffers += 1
+        self._ready.extend(packed_rows)
         self._buffer = carry
 
     # --- collation and stats --------------------------------------------------------------
@@ -294,6 +311,7 @@ class ChatDataset(IterableDataset):
             "buffer": [(list(d.input_ids), d.first_target, carried) for d, carried in self._buffer],
             "ready": [[(list(d.input_ids), d.first_target) for d in row] for row in self._ready],
             "epoch": self.epoch,
+            "packed_buffers": self._packed_buffers,
             "stats": dict(self.stats),
         }
 
@@ -302,6 +320,7 @@ class ChatDataset(IterableDataset):
         self._buffer = [(Document(list(ids), first), carried) for ids, first, carried in state["buffer"]]
         self._ready = deque([Document(list(ids), first) for ids, first in row] for row in state["ready"])
         self.epoch = state["epoch"]
+        self._packed_buffers = state.get("packed_buffers", 0)
         self.stats = Counter(state["stats"])
 
 
