@@ -2,10 +2,10 @@
 
 The model is split into stages by decoder-layer count (`lmforge.models.split`), each
 rank runs its stages, and a schedule from `torch.distributed.pipelining` orders the
-micro-batch forward and backward passes. Every rank reads the same rows
-(`data_world_size` is 1): the first stage consumes `input_ids`, every stage gets
-`position_ids` (and the attention mask when there is one) as keyword arguments so
-it can rebuild the packed-document mask, and the last stage computes the loss.
+micro-batch forward and backward passes. Every rank reads the same rows, because
+`data_world_size` is 1. The first stage consumes `input_ids`, and the last stage
+computes the loss. Every stage gets `position_ids` (and the attention mask when there
+is one) as keyword arguments, so it can rebuild the packed-document mask.
 
 Stage placement for W ranks:
 
@@ -188,11 +188,11 @@ class PipelineBackend(Backend):
         self.stages = split_llama(model, self.local_stage_indices, self.num_stages, self.loss_chunk_size)
         for stage in self.stages:
             stage.to(self.device)
-        # No rank holds the whole model: generation and `hf_model` users must check for None.
+        # No rank contains the whole model, so generation and other `hf_model` users must check for None.
         self.hf_model = None
         self._log_placement(layers_per_stage(len(model.model.layers), self.num_stages))
         if self.rank == 0:
-            logger.info("Text generation during eval is off under the pipeline backend: no rank holds the whole model")
+            logger.info("Text generation during eval is disabled under the pipeline backend, because no rank contains the whole model")
 
         pipeline_stages = [
             PipelineStage(stage, stage.stage_index, self.num_stages, self.device) for stage in self.stages
