@@ -60,7 +60,7 @@ def test_quickstart_trains_saves_and_summarises(run_lmforge, tiny_llama_dir, tmp
     assert _summary_value(stdout, "Total steps") == "4 of 4"
     assert _summary_value(stdout, "Tokens trained").startswith(f"{end['tokens']:,} ")
     assert _summary_value(stdout, "Best eval loss") == f"{eval_losses[0]:.4f} (step 4)"
-    assert "torch.distributed.run" in stdout  # the real `lmforge train` launcher ran
+    assert "lmforge.train.torchrun" in stdout  # the real `lmforge train` launcher ran
 
     # The closing lines name where each output went.
     assert f"checkpoint     {checkpoint}" in stdout

@@ -40,7 +40,7 @@ def test_train_resume_logs_tensorboard(run_lmforge, repo_root, run_dir):
     sets = [f"ns.eval_prompts_file={prompts}", "ns.eval_max_new_tokens=4"]
     first = _train(run_lmforge, repo_root, run_dir, "--max-steps", "4", "--step-cadence", "0.4", sets=sets)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "torch.distributed.run" in first.stdout
+    assert "-m lmforge.train.torchrun" in first.stdout
 
     checkpoints = run_dir / "checkpoints"
     assert sorted(path.name for path in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]
@@ -262,3 +262,30 @@ def test_sigint_saves_then_second_aborts(repo_root, tiny_llama_dir, tmp_path):
     assert records[-1]["event"] == "end", outputs["twice"][-3000:]
     assert records[-1]["reason"] == "abort"
     assert not list((twice_dir / "checkpoints").glob("checkpoint-*"))
+
+
+def test_worker_error_is_one_line_without_torchrun_traceback(run_lmforge, repo_root, run_dir, tmp_path):
+    # Columns are only read inside the worker, so this error comes back through torchrun.
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "hi", "answer": "hello"}\n')
+    result = _train(run_lmforge, repo_root, run_dir, "--max-steps", "1", sets=[f"ns.dataset_path={data}"])
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "error: [rank 0]" in result.stderr and "column" in result.stderr
+    assert "error: training process rank 0 exited with status 2" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "ChildFailedError" not in result.stderr
+
+
+def test_exit_status_of_a_killed_worker():
+    from lmforge.train.torchrun import exit_status
+
+    assert exit_status(2) == 2
+    assert exit_status(-9) == 137  # SIGKILL, as a shell reports it
+    assert exit_status(0) == 1  # torchrun only raises for a failure
+
+
+def test_missing_eval_prompts_file_fails_before_launch(check_cli, run_dir):
+    status, err = check_cli(run_dir, sets=["ns.eval_prompts_file=missing.yaml"])
+    assert status == 2
+    assert "eval prompts file missing.yaml not found" in err
+    assert "--set ns.eval_prompts_file=null" in err

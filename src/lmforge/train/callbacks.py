@@ -163,7 +163,7 @@ def load_prompts(path: str | Path) -> tuple[str, list[dict]]:
 
     path = Path(path)
     if not path.is_file():
-        raise LmforgeError(f"eval prompts file {path} not found", hint="set ns.eval_prompts_file to a prompts YAML file, or to null")
+        raise LmforgeError(f"eval prompts file {path} not found", hint="set ns.eval_prompts_file to a prompts YAML file, or to null to skip generation (--set ns.eval_prompts_file=null)")
     data = yaml.safe_load(path.read_text())
     if not isinstance(data, dict) or not isinstance(data.get("prompts"), list):
         raise LmforgeError(f"eval prompts file {path} has no `prompts:` list", hint="see prompts/open_orca_eval.yaml for the format")

@@ -93,6 +93,7 @@ def check_before_launch(request: LaunchRequest, namespace: Mapping[str, Any], ch
             logger.warning("%s (ignored by --dry-run; a real run stops here)", exc.message)
     _check_model(request.model_dir, namespace)
     _check_dataset_path(namespace.get("dataset_path"))
+    _check_eval_prompts(namespace.get("eval_prompts_file"))
     _check_writable(request.run_dir)
 
 
@@ -177,6 +178,14 @@ def _check_dataset_path(dataset_path: Any) -> None:
             raise LmforgeError(f"dataset path {path} not found", hint="fix ns.dataset_path, e.g. --set ns.dataset_path=/data/rows.jsonl")
 
 
+def _check_eval_prompts(prompts_file: Any) -> None:
+    """Read the eval prompts file now, so a missing or malformed one fails before model loading."""
+    if prompts_file:
+        from lmforge.train.callbacks import load_prompts
+
+        load_prompts(prompts_file)
+
+
 def _check_writable(run_dir: Path) -> None:
     existing = run_dir
     while not existing.exists():
@@ -195,7 +204,10 @@ _ENDPOINT = re.compile(r"^[\w.\-\[\]:]+:\d+$")
 
 def torchrun_command(request: LaunchRequest) -> list[str]:
     """Build the torchrun command line that starts `lmforge.train.worker` on this node."""
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={request.nproc_per_node}"]
+    # lmforge.train.torchrun is torchrun that reports a failed worker in one line; --debug
+    # runs torchrun itself, with its traceback and failure table.
+    entry = "torch.distributed.run" if request.debug else "lmforge.train.torchrun"
+    command = [sys.executable, "-m", entry, f"--nproc-per-node={request.nproc_per_node}"]
     if request.nnodes > 1 or request.rdzv_endpoint:
         if not request.rdzv_endpoint or not _ENDPOINT.match(request.rdzv_endpoint):
             raise LmforgeError(
