@@ -8,6 +8,10 @@ Measures, with one tokenizer and one chat template for every method:
    to resume at row 900,000 from a saved state and yield the next batch, and the
    fill and speed while streaming the first `--streaming-rows` rows of that file
    (no end-of-stream rows, so this is the steady-state fill).
+   The same for TRL: `load_dataset("parquet")`, conversion to `messages`, then
+   `SFTTrainer` with `packing=True` (bfd), which tokenizes and packs every row
+   before it yields a batch, up to the first batch of `get_train_dataloader()`,
+   and the fill of all its packed rows (`--trl-rows` limits the rows it reads).
 2. On the sample rows, at each `--max-length`: packed rows per second through
    `ChatDataset` (read, render, tokenize, pack), and fill efficiency (non-pad
    tokens / token slots) of
@@ -44,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="Write the results to this JSON file as well.")
     parser.add_argument("--streaming-rows", type=int, default=20_000,
                         help="Source rows of the large file to stream for the steady-state fill (0 skips it).")
+    parser.add_argument("--trl-rows", type=int, default=None,
+                        help="Rows of the large file that TRL's pipeline reads (default: all; 0 skips TRL).")
     return parser.parse_args(argv)
 
 
@@ -99,6 +105,49 @@ def measure_streaming_fill(path: str, tokenizer, chat_template, max_length: int,
     return {"source_rows": dataset.rows.rows_read, "packed_rows": packed_rows, "fill": dataset.fill_efficiency(),
             "rows_per_s": packed_rows / seconds, "tokens_per_s": dataset.stats["tokens"] / seconds,
             "max_length": max_length}
+
+
+def _to_messages(row: dict) -> dict:
+    messages = []
+    if row.get("system_prompt"):
+        messages.append({"role": "system", "content": row["system_prompt"]})
+    messages.append({"role": "user", "content": row["question"]})
+    messages.append({"role": "assistant", "content": row["response"]})
+    return {"messages": messages}
+
+
+def measure_trl_first_batch(path: str, tokenizer, batch_size: int, max_length: int, num_rows: int | None) -> dict:
+    """Time TRL's SFTTrainer data preparation on a parquet file, up to its first packed batch."""
+    import tempfile
+
+    import pyarrow.compute as pc
+    from datasets import load_dataset
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    # The model only has to accept the batch: a 2-layer Llama with the tokenizer's vocabulary.
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4))
+    with tempfile.TemporaryDirectory(prefix="trl-bench-") as work:
+        started = time.perf_counter()
+        # A fresh cache directory: nothing is reused from an earlier run.
+        dataset = load_dataset("parquet", data_files=path, split="train", cache_dir=f"{work}/cache")
+        if num_rows:
+            dataset = dataset.select(range(min(num_rows, len(dataset))))
+        source_rows = len(dataset)
+        dataset = dataset.map(_to_messages, remove_columns=dataset.column_names)
+        converted_s = time.perf_counter() - started
+        config = SFTConfig(output_dir=f"{work}/out", per_device_train_batch_size=batch_size, max_length=max_length,
+                           packing=True, packing_strategy="bfd", assistant_only_loss=False, report_to="none",
+                           use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
+        trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+        batch = next(iter(trainer.get_train_dataloader()))
+        first_batch_s = time.perf_counter() - started
+        packed = trainer.train_dataset
+        tokens = int(pc.sum(pc.list_value_length(packed.data.column("input_ids"))).as_py())
+    return {"source_rows": source_rows, "first_batch_s": first_batch_s, "load_and_convert_s": converted_s,
+            "packed_rows": len(packed), "fill": fill(tokens, len(packed) * max_length), "tokens": tokens,
+            "batch_tokens": int(batch["input_ids"].numel()), "batch_size": batch_size, "max_length": max_length}
 
 
 def measure_packing(sample: str, tokenizer, chat_template, max_length: int) -> dict:
@@ -173,6 +222,10 @@ def main(argv=None) -> None:
             report["streaming"] = measure_streaming_fill(args.large, tokenizer, chat_template, max(args.max_length),
                                                          args.streaming_rows)
             print(json.dumps(report["streaming"], indent=2))
+        if args.trl_rows != 0:
+            report["trl_first_batch"] = measure_trl_first_batch(args.large, tokenizer, args.batch_size,
+                                                                max(args.max_length), args.trl_rows)
+            print(json.dumps(report["trl_first_batch"], indent=2))
     for max_length in args.max_length:
         report["packing"][str(max_length)] = measure_packing(args.sample, tokenizer, chat_template, max_length)
         print(max_length, json.dumps(report["packing"][str(max_length)], indent=2))
