@@ -14,6 +14,14 @@ the process's max RSS on CPU, or max allocated CUDA memory on GPU. The script al
 measures the machine's bf16 and fp32 matmul peak and reports each setup's model FLOP/s
 (6 x parameters x tokens/s) as a fraction of the peak of its precision.
 
+With `--large FILE.parquet`, each setup's data pipeline also runs on the first
+`--large-rows` rows of that file (copied to a temporary parquet file first), in its own
+subprocess: the time from reading the file to the first collated batch, and the fill
+(non-pad tokens / token slots) over all its rows. lmforge streams and packs a buffer at
+a time; TRL's `SFTTrainer` tokenizes and packs every row before the first batch; the
+padded Trainer setup tokenizes every row (`Dataset.map`) and pads each batch of
+`--batch-size` rows to its longest (fill over consecutive batches in file order).
+
 Usage:
     python bench/train_throughput.py --model-dir MODEL_DIR \\
         --data ../shared/data/openorca/openorca_first900.jsonl --steps 20
@@ -45,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--setups", default=",".join(SETUPS), help="Comma-separated subset of: " + ", ".join(SETUPS))
     parser.add_argument("--precisions", default=",".join(PRECISIONS), help="Comma-separated subset of: fp32, bf16")
     parser.add_argument("--output", default="bench/results/train_throughput.json", help="Where to write the JSON results.")
+    parser.add_argument("--large", default=None, help="Large Open-Orca-format parquet file for the data columns.")
+    parser.add_argument("--large-rows", type=int, default=100_000, help="Rows of --large that each data pipeline reads.")
     parser.add_argument("--worker", nargs=2, metavar=("SETUP", "PRECISION"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -188,6 +198,54 @@ def run_lmforge(precision: str, args) -> dict:
     }
 
 
+def run_data_pipeline(setup: str, path: str, args) -> dict:
+    """Time SETUP's data pipeline on the parquet file PATH to its first batch, then measure its fill."""
+    import pyarrow.parquet as pq
+
+    from bench.data_packing import fill, measure_trl_first_batch
+    from lmforge.data.chat import load_tokenizer
+
+    tokenizer = load_tokenizer(str(args.model_dir))
+    num_rows = pq.ParquetFile(path).metadata.num_rows
+    if setup == "trl_packed":
+        result = measure_trl_first_batch(path, tokenizer, args.batch_size, args.seq_len, None)
+        return {"first_batch_s": result["first_batch_s"], "fill": result["fill"], "source_rows": num_rows}
+    if setup == "lmforge_packed":
+        from lmforge.data.dataset import ChatDataset, open_orca_split
+
+        started = time.perf_counter()
+        dataset = ChatDataset(open_orca_split(path, "train", validation_fraction=0.0), tokenizer,
+                              max_length=args.seq_len, packing=True)
+        iterator = iter(dataset)
+        dataset.collator()([next(iterator) for _ in range(args.batch_size)])
+        first_batch_s = time.perf_counter() - started
+        for _ in iterator:
+            pass
+        return {"first_batch_s": first_batch_s, "fill": dataset.fill_efficiency(), "source_rows": num_rows}
+
+    import tempfile
+
+    from datasets import load_dataset
+    from transformers import DataCollatorForSeq2Seq
+
+    with tempfile.TemporaryDirectory(prefix="hf-bench-") as cache:
+        started = time.perf_counter()
+
+        def tokenize(row):
+            ids = tokenizer.apply_chat_template(to_messages(row), tokenize=True, return_dict=False)[: args.seq_len]
+            return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
+
+        dataset = load_dataset("parquet", data_files=path, split="train", cache_dir=cache)
+        dataset = dataset.map(tokenize, remove_columns=dataset.column_names)
+        collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
+        collator([dataset[i] for i in range(args.batch_size)])
+        first_batch_s = time.perf_counter() - started
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+    batches = [lengths[i : i + args.batch_size] for i in range(0, len(lengths), args.batch_size)]
+    slots = sum(max(batch) * len(batch) for batch in batches)
+    return {"first_batch_s": first_batch_s, "fill": fill(sum(lengths), slots), "source_rows": num_rows}
+
+
 def measure_matmul_peak(dtype_name: str, size: int = 2048, repeats: int = 20) -> float:
     """Return the best observed FLOP/s of a square matmul in the given dtype on this device."""
     import torch
@@ -208,9 +266,27 @@ def measure_matmul_peak(dtype_name: str, size: int = 2048, repeats: int = 20) ->
     return 2 * size**3 / best
 
 
+def write_first_rows(source: str, num_rows: int, destination: Path) -> dict:
+    """Copy the first NUM_ROWS rows of the parquet file SOURCE to DESTINATION (one pipeline input for all setups)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    reader = pq.ParquetFile(source)
+    batches, taken = [], 0
+    for batch in reader.iter_batches(batch_size=10_000):
+        batches.append(batch.slice(0, num_rows - taken))
+        taken += batches[-1].num_rows
+        if taken >= num_rows:
+            break
+    pq.write_table(pa.Table.from_batches(batches), destination, row_group_size=10_000)
+    return {"path": str(destination), "rows": taken}
+
+
 def worker_main(args) -> None:
     setup, precision = args.worker
-    if setup == "lmforge_packed":
+    if precision == "data":
+        result = run_data_pipeline(setup, args.large, args)
+    elif setup == "lmforge_packed":
         result = run_lmforge(precision, args)
     else:
         result = run_hf_family(setup, precision, args)
@@ -257,37 +333,64 @@ def main(argv=None) -> None:
     results = []
     repo_root = Path(__file__).resolve().parents[1]
     forwarded_args = list(sys.argv[1:] if argv is None else argv)
+
+    def run_worker(setup: str, mode: str, extra: list[str]) -> dict | None:
+        command = [sys.executable, str(Path(__file__).resolve()), *forwarded_args, *extra, "--worker", setup, mode]
+        proc = subprocess.run(command, capture_output=True, text=True, cwd=repo_root, env={**os.environ, "PYTHONPATH": str(repo_root)})
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            print(f"{setup} ({mode}) failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+            return None
+        return json.loads(lines[-1][len("RESULT "):])
+
+    data = {}
+    if args.large:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="bench-large-") as work:
+            subset = write_first_rows(args.large, args.large_rows, Path(work) / "rows.parquet")
+            for setup in setups:
+                print(f"running {setup} data pipeline ({subset['rows']:,} rows of {args.large})...", file=sys.stderr, flush=True)
+                data[setup] = run_worker(setup, "data", ["--large", subset["path"]])
+
     for precision in precisions:
         for setup in setups:
             print(f"running {setup} ({precision}, {args.steps} steps)...", file=sys.stderr, flush=True)
-            command = [sys.executable, str(Path(__file__).resolve()), *forwarded_args, "--worker", setup, precision]
-            proc = subprocess.run(command, capture_output=True, text=True, cwd=repo_root, env={**os.environ, "PYTHONPATH": str(repo_root)})
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode != 0 or not lines:
-                print(f"{setup} ({precision}) failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
-                results.append({"setup": setup, "precision": precision, "error": proc.stderr[-500:]})
+            result = run_worker(setup, precision, [])
+            if result is None:
+                results.append({"setup": setup, "precision": precision, "error": True})
                 continue
-            result = json.loads(lines[-1][len("RESULT "):])
             result["flops_per_second"] = 6 * result["parameters"] * result["tokens_per_second"]
             result["fraction_of_matmul_peak"] = result["flops_per_second"] / peaks[precision]
             results.append(result)
 
-    print(f"\nmatmul peak: " + ", ".join(f"{p} {peaks[p] / 1e9:.1f} GFLOP/s" for p in precisions))
-    print(f"{'setup':<16} {'precision':<9} {'tokens/s':>9} {'peak mem GiB':>12} {'model FLOP/s':>13} {'of peak':>8}")
-    for result in results:
-        if "error" in result:
-            print(f"{result['setup']:<16} {result['precision']:<9} failed")
-            continue
-        print(
-            f"{result['setup']:<16} {result['precision']:<9} {result['tokens_per_second']:>9.1f} "
-            f"{result['peak_memory_bytes'] / 2**30:>12.2f} {result['flops_per_second'] / 1e9:>10.1f} G "
-            f"{result['fraction_of_matmul_peak']:>8.1%}"
-        )
+    print("\nmatmul peak: " + ", ".join(f"{p} {peaks[p] / 1e9:.1f} GFLOP/s" for p in precisions))
+    header = f"{'setup':<16} {'precision':<9} {'tokens/s':>9} {'peak mem GiB':>12} {'model FLOP/s':>13} {'of peak':>8}"
+    if data:
+        rows_read = next((d["source_rows"] for d in data.values() if d), 0)
+        header += f" {'first batch s':>13} {'fill':>7}"
+        print(f"(first batch and fill: data pipeline on the first {rows_read:,} rows of {args.large}, seq_len {args.seq_len})")
+    print(header)
+    # Without training runs (--precisions ''), the table has one row per data pipeline.
+    for result in results or [{"setup": setup, "precision": "-", "data_only": True} for setup in setups]:
+        line = f"{result['setup']:<16} {result['precision']:<9} "
+        if "data_only" in result:
+            line += f"{'-':>9} {'-':>12} {'-':>13} {'-':>8}"
+        elif "error" in result:
+            line += f"{'failed':>9} {'':>12} {'':>13} {'':>8}"
+        else:
+            line += (f"{result['tokens_per_second']:>9.1f} {result['peak_memory_bytes'] / 2**30:>12.2f} "
+                     f"{result['flops_per_second'] / 1e9:>11.1f} G {result['fraction_of_matmul_peak']:>8.1%}")
+        if data:
+            measured = data.get(result["setup"])
+            line += f" {measured['first_batch_s']:>13.1f} {measured['fill']:>7.1%}" if measured else f" {'failed':>13} {'':>7}"
+        print(line)
 
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"versions": versions(), "args": vars(args), "matmul_peak": peaks, "results": results}, indent=2))
+    tmp.write_text(json.dumps({"versions": versions(), "args": vars(args), "matmul_peak": peaks, "results": results,
+                               "data_pipelines": data}, indent=2))
     tmp.rename(output)
     print(f"\nresults written to {output}")
 
