@@ -332,3 +332,30 @@ def test_torch_compile_matches_eager(tiny_llama_dir, tmp_path):
     assert len(losses[True]) == 2
     for eager, compiled in zip(losses[False], losses[True]):
         assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_eval_on_start_logs_base_model_loss(tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    eval_rows = make_rows(4, seed=9)
+    trainer = build_trainer(tiny_llama_dir, tmp_path / "run", make_rows(20), eval_rows=eval_rows,
+                            max_steps=2, eval_steps=2, eval_on_start=True, per_device_train_batch_size=2)
+    trainer.train()
+    log = read_json_log(next((tmp_path / "run" / "runs").iterdir()) / "trainer_logs.json")
+    evals = [record for record in log if "eval_loss" in record and "event" not in record]
+    assert [record["global_step"] for record in evals] == [0, 2]
+
+    # The step-0 record is the untrained model's loss over the same eval rows.
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    with torch.no_grad():  # the helper trains in fp32
+        totals = [CausalLMLoss(model)(collate([row])) for row in eval_rows]
+    base_loss = sum(float(loss) for loss, _ in totals) / sum(int(count) for _, count in totals)
+    assert evals[0]["eval_loss"] == pytest.approx(base_loss, rel=1e-5)
+    assert evals[1]["eval_loss"] != evals[0]["eval_loss"]
+
+    # A resumed run does not evaluate at its start again.
+    trainer = build_trainer(tiny_llama_dir, tmp_path / "run", make_rows(20), eval_rows=eval_rows,
+                            max_steps=4, eval_steps=2, eval_on_start=True, per_device_train_batch_size=2)
+    trainer.train()
+    log = read_json_log(next((tmp_path / "run" / "runs").iterdir()) / "trainer_logs.json")
+    assert [r["global_step"] for r in log if "eval_loss" in r and "event" not in r] == [0, 2, 4]

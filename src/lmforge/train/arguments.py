@@ -52,6 +52,8 @@ class TrainingArguments:
     """Run the held-out loss and the generation callback every N steps; 0 disables eval."""
     max_eval_batches: Optional[int] = None
     """Cap on eval batches per evaluation; None evaluates the whole eval dataset."""
+    eval_on_start: bool = False
+    """Evaluate the base model before the first step of a fresh run (the step-0 eval record)."""
     save_strategy: str = "steps"
     """`steps` (every `save_steps`), `epoch` (at each epoch end) or `no`; a final checkpoint is written unless `no`."""
     save_steps: int = 1000

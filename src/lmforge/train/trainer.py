@@ -398,6 +398,8 @@ class Trainer:
 
     def _train_loop(self) -> None:
         args = self.args
+        if args.eval_on_start and self.global_step == 0 and self.eval_interval:
+            self._evaluate()
         progress = self._progress_bar()
         interval_loss, interval_steps = 0.0, 0
         interval_tokens, interval_start = 0, time.time()
