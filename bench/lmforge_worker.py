@@ -30,7 +30,8 @@ class _CountingCollator:
         return self.collator(rows)
 
 
-def run_lmforge_steps(model_dir, data, steps: int, seq_len: int, batch_size: int, precision: str, callbacks=()) -> dict:
+def run_lmforge_steps(model_dir, data, steps: int, seq_len: int, batch_size: int, precision: str, callbacks=(),
+                      torch_compile: bool = False) -> dict:
     """Train STEPS optimizer steps of BATCH_SIZE packed rows of SEQ_LEN tokens and time each step.
 
     Returns `{"step_times": [perf_counter at each optimizer step end], "step_tokens":
@@ -38,6 +39,7 @@ def run_lmforge_steps(model_dir, data, steps: int, seq_len: int, batch_size: int
     Open-Orca-format jsonl file. Every row trains (no validation split). PRECISION is
     `fp32`, or `bf16` for bf16 autocast over fp32 weights, as in lmforge's configs.
     CALLBACKS are extra `TrainerCallback`s (the profiler script adds one).
+    TORCH_COMPILE compiles each decoder layer, as the config key `torch_compile` does.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -83,6 +85,7 @@ def run_lmforge_steps(model_dir, data, steps: int, seq_len: int, batch_size: int
             eval_steps=0,
             save_strategy="no",
             resume="no",
+            torch_compile=torch_compile,
         )
         trainer = Trainer(
             args=args,
@@ -112,6 +115,8 @@ if __name__ == "__main__":
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--precision", default="bf16", choices=PRECISIONS)
+    parser.add_argument("--torch-compile", action="store_true")
     cli = parser.parse_args()
-    result = run_lmforge_steps(Path(cli.model_dir), Path(cli.data), cli.steps, cli.seq_len, cli.batch_size, cli.precision)
+    result = run_lmforge_steps(Path(cli.model_dir), Path(cli.data), cli.steps, cli.seq_len, cli.batch_size, cli.precision,
+                               torch_compile=cli.torch_compile)
     print(json.dumps(result))

@@ -5,6 +5,8 @@ per-device batch size, precision, optimizer (AdamW, lr 2e-5) and number of optim
 steps. Each runs in its own subprocess, so peak memory is measured per setup:
 
 - `lmforge_packed`: lmforge's best-fit packed dataset and trainer loop;
+- `lmforge_compiled`: the same with `torch_compile: true` (each decoder layer compiled
+  by torch.compile; the compile time falls in the warmup steps);
 - `trl_packed`: TRL `SFTTrainer` with `packing=True` (`packing_strategy="bfd"`, padding-free);
 - `hf_padded`: the Hugging Face `Trainer`, one row per sequence, padded to the longest in the batch.
 
@@ -38,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-SETUPS = ("lmforge_packed", "trl_packed", "hf_padded")
+SETUPS = ("lmforge_packed", "lmforge_compiled", "trl_packed", "hf_padded")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -176,7 +178,7 @@ def run_hf_family(setup: str, precision: str, args) -> dict:
     }
 
 
-def run_lmforge(precision: str, args) -> dict:
+def run_lmforge(precision: str, args, torch_compile: bool = False) -> dict:
     from bench.lmforge_worker import run_lmforge_steps  # noqa: E402  (lives beside this script)
 
     result = run_lmforge_steps(
@@ -186,6 +188,7 @@ def run_lmforge(precision: str, args) -> dict:
         seq_len=args.seq_len,
         batch_size=args.batch_size,
         precision=precision,
+        torch_compile=torch_compile,
     )
     timer = StepTimer()
     timer.times, timer.tokens = result["step_times"], result["step_tokens"]
@@ -210,7 +213,7 @@ def run_data_pipeline(setup: str, path: str, args) -> dict:
     if setup == "trl_packed":
         result = measure_trl_first_batch(path, tokenizer, args.batch_size, args.seq_len, None)
         return {"first_batch_s": result["first_batch_s"], "fill": result["fill"], "source_rows": num_rows}
-    if setup == "lmforge_packed":
+    if setup in ("lmforge_packed", "lmforge_compiled"):
         from lmforge.data.dataset import ChatDataset, open_orca_split
 
         started = time.perf_counter()
@@ -286,8 +289,8 @@ def worker_main(args) -> None:
     setup, precision = args.worker
     if precision == "data":
         result = run_data_pipeline(setup, args.large, args)
-    elif setup == "lmforge_packed":
-        result = run_lmforge(precision, args)
+    elif setup in ("lmforge_packed", "lmforge_compiled"):
+        result = run_lmforge(precision, args, torch_compile=setup == "lmforge_compiled")
     else:
         result = run_hf_family(setup, precision, args)
     result.update(setup=setup, precision=precision)
@@ -349,7 +352,8 @@ def main(argv=None) -> None:
 
         with tempfile.TemporaryDirectory(prefix="bench-large-") as work:
             subset = write_first_rows(args.large, args.large_rows, Path(work) / "rows.parquet")
-            for setup in setups:
+            # Compiling changes the model, not the data pipeline: one data row for both lmforge setups.
+            for setup in [name for name in setups if name != "lmforge_compiled"]:
                 print(f"running {setup} data pipeline ({subset['rows']:,} rows of {args.large})...", file=sys.stderr, flush=True)
                 data[setup] = run_worker(setup, "data", ["--large", subset["path"]])
 
@@ -382,7 +386,7 @@ def main(argv=None) -> None:
             line += (f"{result['tokens_per_second']:>9.1f} {result['peak_memory_bytes'] / 2**30:>12.2f} "
                      f"{result['flops_per_second'] / 1e9:>11.1f} G {result['fraction_of_matmul_peak']:>8.1%}")
         if data:
-            measured = data.get(result["setup"])
+            measured = data.get("lmforge_packed" if result["setup"] == "lmforge_compiled" else result["setup"])
             line += f" {measured['first_batch_s']:>13.1f} {measured['fill']:>7.1%}" if measured else f" {'failed':>13} {'':>7}"
         print(line)
 
