@@ -60,8 +60,8 @@ def register(app: typer.Typer) -> None:
         loss_curves: bool = typer.Option(
             False, "--loss-curves", help="Train and eval loss against step, LR on a second axis (the default panel)."
         ),
-        grad_norm: bool = typer.Option(False, "--grad-norm", help="Add a panel of the gradient norm against step."),
-        lr: bool = typer.Option(False, "--lr", help="Add a panel of the learning rate against step."),
+        grad_norm: bool = typer.Option(False, "--grad-norm", help="A panel of the gradient norm against step (add --loss-curves to keep the loss panel)."),
+        lr: bool = typer.Option(False, "--lr", help="A panel of the learning rate against step (add --loss-curves to keep the loss panel)."),
         ignore_outliers: bool = typer.Option(
             True,
             "--ignore-outliers/--no-ignore-outliers",
