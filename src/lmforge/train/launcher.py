@@ -280,9 +280,16 @@ def launch(command: list[str], env: dict[str, str]) -> int:
                            "(send it again to abort)", name)
         else:
             logger.warning("%s received again: aborting the training processes without saving", name)
-        # The workers handle SIGINT and SIGTERM only, so a hang-up counts as SIGTERM.
-        sent = signal.SIGTERM if signum == signal.SIGHUP else signum
-        for pid in _child_pids(process.pid) or [process.pid]:
+        workers = _child_pids(process.pid)
+        if workers:
+            # The workers count SIGINT and SIGTERM alike. Two deliveries of one signal number that
+            # arrive while a worker is inside a long C call (a matmul) reach its Python handler as
+            # one call, so the first request goes as SIGTERM and every later one as SIGINT.
+            sent = signal.SIGTERM if len(received) == 1 else signal.SIGINT
+        else:
+            # torchrun itself: it handles SIGINT and SIGTERM, so a hang-up counts as SIGTERM.
+            sent = signal.SIGTERM if signum == signal.SIGHUP else signum
+        for pid in workers or [process.pid]:
             try:
                 os.kill(pid, sent)
             except ProcessLookupError:
