@@ -26,6 +26,13 @@ def test_misspelled_flag_names_close_match(open_orca):
     assert "--warmup-tokens" in excinfo.value.hint
 
 
+def test_root_option_after_command_explained(open_orca):
+    with pytest.raises(LmforgeError) as excinfo:
+        declared_flag_sets(open_orca, ["--set", "ns.seq_len=256"])
+    assert "no such option: --set" in str(excinfo.value)
+    assert "put it before the command" in excinfo.value.hint
+
+
 def test_flag_without_value_rejected(open_orca):
     with pytest.raises(LmforgeError) as excinfo:
         declared_flag_sets(open_orca, ["--optimizer"])

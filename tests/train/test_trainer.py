@@ -359,3 +359,14 @@ def test_eval_on_start_logs_base_model_loss(tiny_llama_dir, tmp_path):
     trainer.train()
     log = read_json_log(next((tmp_path / "run" / "runs").iterdir()) / "trainer_logs.json")
     assert [r["global_step"] for r in log if "eval_loss" in r and "event" not in r] == [0, 2, 4]
+
+
+def test_last_steps_logged_between_intervals(tiny_llama_dir, tmp_path):
+    recorder = StepRecorder()
+    build_trainer(tiny_llama_dir, tmp_path / "run", make_rows(40), callbacks=[recorder],
+                  max_steps=5, logging_steps=2, per_device_train_batch_size=2).train()
+    log = read_json_log(next((tmp_path / "run" / "runs").iterdir()) / "trainer_logs.json")
+    steps = [record for record in log if "loss" in record and "event" not in record]
+    assert [record["global_step"] for record in steps] == [2, 4, 5]
+    assert steps[-1]["loss"] == pytest.approx(recorder.steps[-1][1])  # step 5 alone
+    assert steps[-1]["learning_rate"] == recorder.steps[-1][2]

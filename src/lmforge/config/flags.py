@@ -42,7 +42,13 @@ def declared_flag_sets(project: Project | None, args: Sequence[str]) -> list[str
     return sets
 
 
+# Root options of `lmforge` that a user may put after the command name by mistake.
+_ROOT_OPTIONS = ("set", "template", "project", "debug")
+
+
 def _flag_hint(name: str, flags: dict[str, str]) -> str:
+    if name in _ROOT_OPTIONS:
+        return f"--{name} is an option of lmforge itself: put it before the command, e.g. lmforge --{name} ... train"
     if not flags:
         return "this project declares no flags of its own; use --set ns.KEY=VALUE before the command"
     close = difflib.get_close_matches(name, list(flags), n=2)

@@ -454,6 +454,10 @@ class Trainer:
             self._apply_control_requests()
             interval_start += time.time() - paused_at
 
+        if interval_steps:
+            # The last steps of a run that ends between logging intervals get their own record.
+            elapsed = max(time.time() - interval_start, 1e-9)
+            self._log_step(interval_loss / interval_steps, grad_norm, learning_rate, interval_tokens / elapsed)
         if progress is not None:
             progress.close()
 
