@@ -28,6 +28,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     sample_path = Path(args.sample)
+    if not sample_path.is_file():
+        parser.error(f"sample file {sample_path} not found; pass the real rows, e.g. "
+                     "--sample ../shared/data/openorca/openorca_first900.parquet")
     if sample_path.suffix == ".parquet":
         sample = pq.read_table(sample_path)
     else:
