@@ -107,13 +107,14 @@ def measure_streaming_fill(path: str, tokenizer, chat_template, max_length: int,
             "max_length": max_length}
 
 
-def _to_messages(row: dict) -> dict:
+def to_messages(row: dict) -> list[dict]:
+    """Return an Open-Orca row as chat messages (system only when the row has a system prompt)."""
     messages = []
     if row.get("system_prompt"):
         messages.append({"role": "system", "content": row["system_prompt"]})
     messages.append({"role": "user", "content": row["question"]})
     messages.append({"role": "assistant", "content": row["response"]})
-    return {"messages": messages}
+    return messages
 
 
 def measure_trl_first_batch(path: str, tokenizer, batch_size: int, max_length: int, num_rows: int | None) -> dict:
@@ -135,7 +136,7 @@ def measure_trl_first_batch(path: str, tokenizer, batch_size: int, max_length: i
         if num_rows:
             dataset = dataset.select(range(min(num_rows, len(dataset))))
         source_rows = len(dataset)
-        dataset = dataset.map(_to_messages, remove_columns=dataset.column_names)
+        dataset = dataset.map(lambda row: {"messages": to_messages(row)}, remove_columns=dataset.column_names)
         converted_s = time.perf_counter() - started
         config = SFTConfig(output_dir=f"{work}/out", per_device_train_batch_size=batch_size, max_length=max_length,
                            packing=True, packing_strategy="bfd", assistant_only_loss=False, report_to="none",

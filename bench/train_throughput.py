@@ -66,15 +66,6 @@ def load_rows(path: str) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def to_messages(row: dict) -> list[dict]:
-    messages = []
-    if row.get("system_prompt"):
-        messages.append({"role": "system", "content": row["system_prompt"]})
-    messages.append({"role": "user", "content": row["question"]})
-    messages.append({"role": "assistant", "content": row["response"]})
-    return messages
-
-
 def peak_memory_bytes() -> int:
     import torch
 
@@ -129,6 +120,8 @@ def hf_training_arguments(args, precision: str, output_dir: str, **extra):
 
 def run_hf_family(setup: str, precision: str, args) -> dict:
     import torch
+
+    from bench.data_packing import to_messages
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
@@ -205,7 +198,7 @@ def run_data_pipeline(setup: str, path: str, args) -> dict:
     """Time SETUP's data pipeline on the parquet file PATH to its first batch, then measure its fill."""
     import pyarrow.parquet as pq
 
-    from bench.data_packing import fill, measure_trl_first_batch
+    from bench.data_packing import fill, measure_trl_first_batch, to_messages
     from lmforge.data.chat import load_tokenizer
 
     tokenizer = load_tokenizer(str(args.model_dir))
@@ -275,14 +268,14 @@ def write_first_rows(source: str, num_rows: int, destination: Path) -> dict:
     import pyarrow.parquet as pq
 
     reader = pq.ParquetFile(source)
-    batches, taken = [], 0
+    batches, rows_taken = [], 0
     for batch in reader.iter_batches(batch_size=10_000):
-        batches.append(batch.slice(0, num_rows - taken))
-        taken += batches[-1].num_rows
-        if taken >= num_rows:
+        batches.append(batch.slice(0, num_rows - rows_taken))
+        rows_taken += batches[-1].num_rows
+        if rows_taken >= num_rows:
             break
     pq.write_table(pa.Table.from_batches(batches), destination, row_group_size=10_000)
-    return {"path": str(destination), "rows": taken}
+    return {"path": str(destination), "rows": rows_taken}
 
 
 def worker_main(args) -> None:

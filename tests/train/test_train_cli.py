@@ -264,13 +264,14 @@ def test_sigint_saves_then_second_aborts(repo_root, tiny_llama_dir, tmp_path):
     assert not list((twice_dir / "checkpoints").glob("checkpoint-*"))
 
 
-def test_worker_error_is_one_line_without_torchrun_traceback(run_lmforge, repo_root, run_dir, tmp_path):
+def test_worker_error_prints_one_line(run_lmforge, repo_root, run_dir, tmp_path):
     # Columns are only read inside the worker, so this error comes back through torchrun.
     data = tmp_path / "rows.jsonl"
     data.write_text('{"prompt": "hi", "answer": "hello"}\n')
     result = _train(run_lmforge, repo_root, run_dir, "--max-steps", "1", sets=[f"ns.dataset_path={data}"])
     assert result.returncode == 2, result.stderr[-3000:]
-    assert "error: [rank 0]" in result.stderr and "column" in result.stderr
+    assert "error: [rank 0]" in result.stderr
+    assert "column" in result.stderr
     assert "error: training process rank 0 exited with status 2" in result.stderr
     assert "Traceback" not in result.stderr
     assert "ChildFailedError" not in result.stderr

@@ -52,7 +52,7 @@ def _compute_dtype(device_type: str) -> torch.dtype | None:
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of `hidden @ weight.T + bias`, with the gradients computed chunk by chunk in forward.
+    """Summed cross-entropy of `hidden @ weight.T + bias`, whose gradients are computed chunk by chunk in forward.
 
     Matmuls run in `compute_dtype` (the autocast dtype, or the weight's dtype), and the
     log-softmax in float32, as autocast would run them. The gradient of the summed loss
@@ -76,7 +76,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logits = F.linear(hidden_c[start:stop], weight_c, bias_c).float()
                 log_norm = torch.logsumexp(logits, dim=-1)
                 total += (log_norm - logits.gather(1, chunk_targets[:, None]).squeeze(1)).sum()
-                # softmax - one_hot, in place over the logits
+                # The gradient with respect to the logits, softmax - one_hot, overwrites the logits.
                 probs = logits.sub_(log_norm[:, None]).exp_()
                 probs[torch.arange(probs.shape[0], device=probs.device), chunk_targets] -= 1.0
                 grad_logits = probs.to(compute_dtype)
